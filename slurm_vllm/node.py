@@ -1,0 +1,389 @@
+"""The per-rank program: role, network identity, Ray bring-up, vLLM, readiness, signals, teardown.
+
+Every task of the allocation runs `main(job_dir)` (through submitit, or `python -m slurm_vllm.node
+run DIR` from a rendered sbatch script). Rank 0 starts the Ray head, waits until Ray reports every
+node and GPU, starts `vllm serve` in the same container, probes /health, /v1/models and a 1-token
+completion, then writes endpoint.json and the stage READY. Other ranks join Ray once the head's
+GCS port answers. Ranks meet only through the job folder and the head's ports; no sleeps stand in
+for facts. SIGTERM/SIGINT (scancel) and SIGUSR2 (time limit near) stop everything of this rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import psutil
+import yaml
+
+from . import hostlist, proc
+from . import spec as spec_mod
+from .container import Runtime, env_file_text
+from .errors import ClusterError, ServeError, SlurmVllmError
+from .jobdir import FINAL, JobDir, link_job_id, read_secret, write_secret
+from .plan import Plan, Ports, ray_argv, vllm_argv
+from .plan import ports as plan_ports
+from .spec import JobSpec
+
+POLL = 0.5          # seconds between two looks at a fact (port, Ray, HTTP); never a stand-in for one
+
+# Run inside the container with its Python: how many Ray nodes are alive, with their IPs and GPUs.
+RAY_PROBE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps([{"ip": n["NodeManagerAddress"], "gpus": n["Resources"].get("GPU", 0)} for n in nodes]))
+"""
+
+
+class Stopped(SlurmVllmError):
+    """This rank was told to stop (signal) or the job ended elsewhere."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This node's one network identity, decided once and applied everywhere."""
+
+    hostname: str
+    ip: str
+    interface: str
+    head_host: str
+    head_ip: str
+
+
+def route_ip(target: str) -> str:
+    """The local address the kernel would use to reach TARGET (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((target, 9))
+        return str(s.getsockname()[0])
+
+
+def interface_of(ip: str) -> str:
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name
+    raise ClusterError(f"no network interface holds {ip}")
+
+
+def identity(head_host: str) -> Identity:
+    head_ip = socket.gethostbyname(head_host)
+    ip = route_ip(head_ip)
+    if ip.startswith("127."):
+        ip = head_ip          # this is the head: its address on the route others use
+    return Identity(socket.gethostname(), ip, interface_of(ip), head_host, head_ip)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class Rank:
+    """One task of the allocation."""
+
+    def __init__(self, jd: JobDir) -> None:
+        self.jd = jd
+        self.plan = Plan.from_json(jd.plan.read_text())
+        self.spec: JobSpec = spec_mod.parse(yaml.safe_load(jd.spec.read_text()))
+        self.rank = int(os.environ.get("SLURM_PROCID", "0"))
+        self.job_id = int(os.environ["SLURM_JOB_ID"])
+        self.hosts = hostlist.expand(os.environ["SLURM_JOB_NODELIST"])
+        self.cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.stop_reason = ""
+        self.children: list[proc.Child] = []
+        self.runtime: Runtime | None = None
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if not self.stop_reason:
+                self.stop_reason = {signal.SIGUSR2: "TIMEOUT"}.get(signal.Signals(signum), "CANCELLED")
+            self.stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            signal.signal(sig, handler)
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Stopped(self.stop_reason or "stopped")
+        for child in self.children:
+            if not child.alive():
+                raise ClusterError(f"{child.name} exited (code {child.returncode()}) on "
+                                   f"{socket.gethostname()}: {child.tail(8)}")
+
+    def wait_for(self, what: str, fact: object, timeout: float) -> None:
+        """Poll FACT() until true; fail at once if a child died or a stop came; fail at TIMEOUT."""
+        assert callable(fact)
+        deadline = self.started + timeout
+        while True:
+            self.check()
+            if fact():
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}")
+            self.stop.wait(POLL)
+
+    # -- environment -----------------------------------------------------------------------------
+
+    def environment(self, ident: Identity, ports: Ports) -> dict[str, str]:
+        """What Ray and vLLM see on this node (inside the container): spec env, identity, secrets."""
+        env = dict(self.spec.env)
+        env.update({
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.jd.ray_token),
+            "RAY_ADDRESS": f"{ident.head_ip}:{self.gcs_port(ports)}",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "VLLM_HOST_IP": ident.ip,
+            "GLOO_SOCKET_IFNAME": ident.interface,
+            "NCCL_SOCKET_IFNAME": ident.interface,
+        })
+        for key, path in self.spec.secret_env.items():
+            env[key] = read_secret(Path(os.path.expandvars(path)).expanduser())
+        if self.rank == 0 and self.plan.api_key:
+            env["VLLM_API_KEY"] = read_secret(self.jd.api_key)
+        return env
+
+    def gcs_port(self, ports: Ports) -> int:
+        return ports.gcs if self.rank == 0 else int(self.jd.read_json(self.jd.head)["gcs_port"])
+
+    def choose_ports(self) -> Ports:
+        """This node's port block: planned from the job id, moved on when any port is taken here."""
+        for attempt in range(16):
+            ports = plan_ports(self.plan, self.job_id, attempt)
+            if all(port_free(p) for p in ports.all()):
+                return ports
+            if self.plan.gcs_port or self.plan.api_port:
+                break
+        raise ClusterError(f"{socket.gethostname()}: no free port block (tried from "
+                           f"{plan_ports(self.plan, self.job_id).gcs}); is another job holding them?")
+
+    def make_runtime(self, ident: Identity, ports: Ports) -> Runtime:
+        env_file = self.jd.env_dir / f"rank-{self.rank}.env"
+        env = self.environment(ident, ports)
+        write_secret(env_file, env_file_text(env).rstrip("\n"))
+        gpus = tuple(g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g)
+        binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}")
+        name = f"slurm-vllm-{self.job_id}-{self.rank}"
+        return Runtime(self.spec.container, name, env_file, binds, gpus)
+
+    def child_env(self) -> dict[str, str] | None:
+        """The process environment of a child: for runtime none the job env goes in directly."""
+        assert self.runtime is not None
+        if self.runtime.kind != "none":
+            return None
+        env = dict(os.environ)
+        for line in self.runtime.env_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            env[key] = value
+        return env
+
+    def spawn(self, name: str, argv: list[str]) -> proc.Child:
+        child = proc.spawn(name, argv, self.jd.rank_log(name, self.rank), env=self.child_env())
+        self.children.append(child)
+        return child
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        for child in reversed(self.children):
+            child.terminate(timeout=10)
+        if self.runtime is not None:
+            remove = self.runtime.remove()
+            if remove:
+                proc.run(remove, check=False, timeout=30)
+
+
+class Head(Rank):
+    """Rank 0: Ray head, barrier, vLLM, readiness, endpoint, supervision."""
+
+    def run(self) -> None:
+        hosts = self.hosts
+        ident = identity(hosts[0])
+        self.jd.write_stage("STARTING", f"{len(hosts)} nodes: {','.join(hosts)}")
+        ports = self.choose_ports()
+        self.runtime = self.make_runtime(ident, ports)
+        self.spawn("ray-head", self.runtime.start(ray_argv(self.plan, ports, ident.ip, None, self.cpus)))
+        self.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
+                      lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
+        self.jd.write_json(self.jd.head, {"host": ident.hostname, "ip": ident.ip, "gcs_port": ports.gcs,
+                                          "api_port": ports.api, "interface": ident.interface})
+        self.jd.write_stage("RAY_HEAD", f"{ident.ip}:{ports.gcs}")
+        nodes = self.barrier(ident, ports)
+        self.jd.write_stage("LOADING", f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
+                                       f"{', '.join(sorted(str(n['ip']) for n in nodes))}")
+        self.spawn("vllm", self.runtime.exec(vllm_argv(self.plan, ident.ip, ports.api)))
+        url = f"http://{ident.ip}:{ports.api}"
+        self.wait_ready(url)
+        endpoint = {"url": f"{url}/v1", "model": self.plan.served_name, "host": ident.ip,
+                    "port": ports.api, "api_key_file": str(self.jd.api_key) if self.plan.api_key else None,
+                    "job_id": str(self.job_id)}
+        self.jd.write_json(self.jd.endpoint, endpoint)
+        self.jd.write_stage("READY", f"{url}/v1")
+        while True:                      # supervise until vLLM or Ray dies, or a stop comes
+            self.check()
+            self.stop.wait(1.0)
+
+    def barrier(self, ident: Identity, ports: Ports) -> list[dict[str, object]]:
+        """Wait until Ray reports every node and every GPU of the allocation."""
+        assert self.runtime is not None
+        want_nodes = self.plan.nodes
+        want_gpus = self.plan.nodes * self.plan.gpus_per_node
+        probe = self.runtime.exec(["python3", "-c", RAY_PROBE, f"{ident.ip}:{ports.gcs}"])
+        seen: list[dict[str, object]] = []
+        last = -1
+
+        def joined() -> bool:
+            nonlocal seen, last
+            self.check_workers()
+            out = proc.run(probe, env=self.child_env(), check=False, timeout=60)
+            try:
+                seen = json.loads(out.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                return False
+            if len(seen) != last:
+                last = len(seen)
+                self.jd.write_stage("RAY_JOINED", f"{len(seen)}/{want_nodes}")
+            gpus = sum(float(str(n["gpus"])) for n in seen)
+            return len(seen) >= want_nodes and gpus >= want_gpus
+
+        self.wait_for(f"Ray to report {want_nodes} nodes and {want_gpus} GPUs", joined,
+                      self.plan.ready_timeout)
+        return seen
+
+    def check_workers(self) -> None:
+        for failed in self.jd.path.glob("rank-*.failed"):
+            raise ClusterError(f"{failed.stem}: {failed.read_text().strip()}")
+
+    def wait_ready(self, url: str) -> None:
+        """vLLM is ready when /health answers, /v1/models lists the model and 1 token comes back."""
+        key = read_secret(self.jd.api_key) if self.plan.api_key else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+        def http(path: str, body: dict[str, object] | None = None) -> tuple[int, str]:
+            data = json.dumps(body).encode() if body is not None else None
+            req = urllib.request.Request(url + path, data=data, headers={
+                **headers, **({"Content-Type": "application/json"} if data else {})})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return int(resp.status), resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return int(exc.code), exc.read().decode(errors="replace")
+            except OSError:
+                return 0, ""
+
+        self.wait_for("vLLM's /health", lambda: http("/health")[0] == 200, self.plan.ready_timeout)
+        status, text = http("/v1/models")
+        if status != 200 or self.plan.served_name not in text:
+            raise ServeError(f"/v1/models answered {status}: {text[:200]}")
+        status, text = http("/v1/completions", {"model": self.plan.served_name, "prompt": "Hello",
+                                                "max_tokens": 1})
+        if status != 200:
+            raise ServeError(f"a 1-token completion answered {status}: {text[:300]}")
+
+
+class Worker(Rank):
+    """Ranks above 0: join the head's Ray cluster, stay until the head says done."""
+
+    def run(self) -> None:
+        self.wait_for("the Ray head (head.json)", self.head_ready, self.plan.ready_timeout)
+        head = self.jd.read_json(self.jd.head)
+        ident = identity(self.hosts[0])
+        ports = self.choose_ports()
+        self.runtime = self.make_runtime(ident, ports)
+        address = f"{head['ip']}:{head['gcs_port']}"
+        self.spawn("ray-worker", self.runtime.start(ray_argv(self.plan, ports, ident.ip, address, self.cpus)))
+        while not self.jd.done.exists():
+            self.check()
+            self.stop.wait(POLL)
+
+    def head_ready(self) -> bool:
+        if self.jd.done.exists() or self.jd.read_stage().stage in FINAL:
+            raise Stopped("the head ended")
+        return self.jd.head.exists() and port_open(
+            str(self.jd.read_json(self.jd.head)["ip"]), int(self.jd.read_json(self.jd.head)["gcs_port"]))
+
+
+def main(job_dir: str) -> int:
+    """Run this task's rank; return its exit code (0: stopped on purpose or finished)."""
+    jd = JobDir(Path(job_dir))
+    rank: Rank = (Head if int(os.environ.get("SLURM_PROCID", "0")) == 0 else Worker)(jd)
+    rank.install_signals()
+    code = 0
+    final, detail = "DONE", ""
+    try:
+        rank.run()  # type: ignore[attr-defined]
+    except Stopped as exc:
+        final = str(exc)
+    except SlurmVllmError as exc:
+        final, detail, code = "FAILED", str(exc), 1
+    except Exception as exc:  # a bug: still tear down and say what happened
+        final, detail, code = "FAILED", f"{type(exc).__name__}: {exc}", 1
+        raise
+    finally:
+        if rank.rank == 0:
+            jd.done.touch()
+            if final not in ("FAILED",) and rank.stop_reason == "" and final != "DONE":
+                final = "CANCELLED"
+            failed = sorted(jd.path.glob("rank-*.failed"))
+            if failed and final != "FAILED":
+                final, detail = "FAILED", f"{failed[0].stem}: {failed[0].read_text().strip()}"
+        elif final == "FAILED":
+            (jd.path / f"rank-{rank.rank}.failed").write_text(f"{socket.gethostname()}: {detail}\n")
+        rank.teardown()
+        if rank.rank == 0:
+            jd.write_stage(final if final in FINAL else "CANCELLED", detail)
+    return code
+
+
+def init(job_dir: str, script: str | None, spec_yaml: str) -> None:
+    """The first step of a rendered sbatch script: create the job folder from the embedded spec."""
+    from . import plan as plan_mod
+
+    spec = spec_mod.parse(yaml.safe_load(spec_yaml))
+    plan = plan_mod.make(spec)
+    jd = JobDir(Path(job_dir))
+    jd.create(spec_mod.dump(spec), plan.to_json(), api_key=plan.api_key)
+    job_id = os.environ["SLURM_JOB_ID"]
+    jd.job_id_file.write_text(job_id + "\n")
+    if script:
+        jd.sbatch.write_text(Path(script).read_text())
+    link_job_id(spec.jobs_root_path, job_id, jd.path)
+
+
+def _cli(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "run":
+        return main(argv[1])
+    if len(argv) in (2, 3) and argv[0] == "init":
+        init(argv[1], argv[2] if len(argv) == 3 else None, sys.stdin.read())
+        return 0
+    print("usage: python -m slurm_vllm.node run JOB_DIR | init JOB_DIR [SCRIPT] < spec.yaml", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]))

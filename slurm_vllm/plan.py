@@ -1,0 +1,209 @@
+"""JobSpec (+ the model's config.json when readable) → Plan: TP×PP, ports, Ray and vLLM argv."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError
+from .spec import JobSpec, Scalar
+
+# vllm.args keys that slurm_vllm sets itself (the plan decides them, or they carry secrets).
+MANAGED_VLLM_ARGS = {
+    "model": "model.path", "served_model_name": "model.served_name",
+    "tensor_parallel_size": "parallelism.tensor", "pipeline_parallel_size": "parallelism.pipeline",
+    "distributed_executor_backend": "(always ray)", "host": "(the node's address)",
+    "port": "vllm.port", "api_key": "vllm.api_key (the key reaches vLLM through a 0600 env file)",
+}
+
+# Ports: one block of BLOCK ports per job, below Linux's ephemeral range (32768-60999) and above
+# Ray's default worker range (10002-19999); the block is chosen from the job id and probed on
+# every node, moving to the next block on a collision.
+PORT_BASE = 20000
+BLOCK = 64
+SLOTS = (32768 - PORT_BASE) // BLOCK
+
+
+@dataclass(frozen=True)
+class Parallel:
+    tp: int
+    pp: int
+
+
+@dataclass(frozen=True)
+class Ports:
+    """All the ports one node of one job listens on."""
+
+    gcs: int
+    client: int
+    node_manager: int
+    object_manager: int
+    runtime_env_agent: int
+    metrics: int
+    dashboard_agent_grpc: int
+    dashboard_agent_listen: int
+    api: int
+    min_worker: int
+    max_worker: int
+
+    def all(self) -> list[int]:
+        fixed = [v for k, v in asdict(self).items() if k not in ("min_worker", "max_worker")]
+        return fixed + list(range(self.min_worker, self.max_worker + 1))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a rank needs to run its part, decided on the login node (spec → plan)."""
+
+    name: str
+    nodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    served_name: str
+    model_path: str
+    vllm_args: tuple[str, ...]
+    gcs_port: int | None
+    api_port: int | None
+    ready_timeout: int
+    api_key: bool
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> Plan:
+        data = json.loads(text)
+        data["vllm_args"] = tuple(data["vllm_args"])
+        return Plan(**data)
+
+
+def factorizations(total: int) -> list[tuple[int, int]]:
+    return [(tp, total // tp) for tp in range(1, total + 1) if total % tp == 0]
+
+
+def _choices(total: int) -> str:
+    return ", ".join(f"TP{tp}xPP{pp}" for tp, pp in factorizations(total))
+
+
+def choose_parallel(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Parallel:
+    """TP×PP from the spec (auto: TP = gpus_per_node, PP = nodes), checked against the model."""
+    nodes, gpn = spec.slurm.nodes, max(spec.slurm.gpus_per_node, 1)
+    total = nodes * gpn
+    tensor, pipeline = spec.parallelism.tensor, spec.parallelism.pipeline
+    if tensor == "auto" and pipeline == "auto":
+        tp, pp = gpn, nodes
+    elif tensor == "auto":
+        assert pipeline != "auto"
+        tp, pp = total // pipeline if total % pipeline == 0 else 0, pipeline
+    elif pipeline == "auto":
+        tp, pp = tensor, total // tensor if total % tensor == 0 else 0
+    else:
+        tp, pp = tensor, pipeline
+    if tp * pp != total:
+        raise PlanError(
+            f"parallelism.tensor x parallelism.pipeline must equal slurm.nodes x slurm.gpus_per_node "
+            f"= {nodes}x{gpn} = {total} GPUs, got tensor={tensor}, pipeline={pipeline}; "
+            f"valid choices: {_choices(total)}")
+    if model_config:
+        _check_model(model_config, tp, pp, total)
+    return Parallel(tp, pp)
+
+
+def _check_model(config: dict[str, Any], tp: int, pp: int, total: int) -> None:
+    text = config.get("text_config", config)
+    heads = text.get("num_attention_heads")
+    kv_heads = text.get("num_key_value_heads", heads)
+    layers = text.get("num_hidden_layers")
+    valid = [(t, p) for t, p in factorizations(total)
+             if (not heads or heads % t == 0) and (not kv_heads or kv_heads % t == 0 or t % kv_heads == 0)
+             and (not layers or layers >= p)]
+    valid_text = ", ".join(f"TP{t}xPP{p}" for t, p in valid) or "none (use fewer GPUs)"
+    if heads and heads % tp:
+        raise PlanError(f"parallelism.tensor={tp}: the model's {heads} attention heads do not divide by "
+                        f"{tp}; valid choices for this model: {valid_text}")
+    if kv_heads and kv_heads % tp and tp % kv_heads:
+        raise PlanError(f"parallelism.tensor={tp}: the model's {kv_heads} KV heads neither divide by nor "
+                        f"divide {tp}; valid choices for this model: {valid_text}")
+    if layers and layers < pp:
+        raise PlanError(f"parallelism.pipeline={pp}: the model has only {layers} layers; "
+                        f"valid choices for this model: {valid_text}")
+
+
+def read_model_config(model_path: str) -> dict[str, Any] | None:
+    """The model's config.json when the login node can read it (else the check is left to vLLM)."""
+    try:
+        data = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _flag(key: str, value: Scalar) -> list[str]:
+    name = "--" + key.replace("_", "-")
+    if value is True:
+        return [name]
+    if value is False:
+        return []
+    return [name, str(value)]
+
+
+def vllm_flags(args: dict[str, Scalar]) -> tuple[str, ...]:
+    out: list[str] = []
+    for key, value in args.items():
+        canonical = key.replace("-", "_")
+        if canonical in MANAGED_VLLM_ARGS:
+            raise PlanError(f"vllm.args.{key}: set by slurm_vllm; use {MANAGED_VLLM_ARGS[canonical]}")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", key):
+            raise PlanError(f"vllm.args.{key}: not a vLLM option name (use snake_case, e.g. max_model_len)")
+        out += _flag(canonical, value)
+    return tuple(out)
+
+
+def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
+    """The plan for SPEC; MODEL_CONFIG defaults to the model's config.json if readable here."""
+    config = model_config if model_config is not None else read_model_config(spec.model.path)
+    par = choose_parallel(spec, config)
+    return Plan(
+        name=spec.name, nodes=spec.slurm.nodes, gpus_per_node=spec.slurm.gpus_per_node,
+        tp=par.tp, pp=par.pp, served_name=spec.model.name, model_path=spec.model.path,
+        vllm_args=vllm_flags(spec.vllm.args),
+        gcs_port=None if spec.ray.port == "auto" else spec.ray.port,
+        api_port=None if spec.vllm.port == "auto" else spec.vllm.port,
+        ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto",
+    )
+
+
+def ports(plan: Plan, job_id: int, attempt: int = 0) -> Ports:
+    """The port block for JOB_ID (ATTEMPT moves to the next block after a collision)."""
+    base = PORT_BASE + ((job_id + attempt) % SLOTS) * BLOCK
+    return Ports(
+        gcs=plan.gcs_port or base, client=base + 1, node_manager=base + 2, object_manager=base + 3,
+        runtime_env_agent=base + 4, metrics=base + 5, dashboard_agent_grpc=base + 6,
+        dashboard_agent_listen=base + 7, api=plan.api_port or base + 8,
+        min_worker=base + 16, max_worker=base + BLOCK - 1,
+    )
+
+
+def ray_argv(plan: Plan, ports: Ports, ip: str, head_address: str | None, cpus: int) -> list[str]:
+    """`ray start` for the head (HEAD_ADDRESS None) or a worker joining HEAD_ADDRESS."""
+    argv = ["ray", "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}",
+            f"--num-gpus={plan.gpus_per_node}", "--disable-usage-stats",
+            f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
+            f"--runtime-env-agent-port={ports.runtime_env_agent}", f"--metrics-export-port={ports.metrics}",
+            f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+            f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+            f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}"]
+    if head_address is None:
+        return [*argv, "--head", f"--port={ports.gcs}", f"--ray-client-server-port={ports.client}",
+                "--include-dashboard=false"]
+    return [*argv, f"--address={head_address}"]
+
+
+def vllm_argv(plan: Plan, ip: str, port: int) -> list[str]:
+    return ["vllm", "serve", plan.model_path, "--served-model-name", plan.served_name,
+            "--tensor-parallel-size", str(plan.tp), "--pipeline-parallel-size", str(plan.pp),
+            "--distributed-executor-backend", "ray", "--host", ip, "--port", str(port), *plan.vllm_args]

@@ -1,0 +1,96 @@
+"""The only subprocess wrapper: run, spawn in a new process group, terminate the group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SlurmVllmError
+
+log = logging.getLogger(__name__)
+
+
+class CommandError(SlurmVllmError):
+    """A command failed: the message has the command, its exit code and the tail of its output."""
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run(argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 60,
+        check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a short command to completion and capture its output."""
+    log.debug("run: %s", " ".join(argv))
+    try:
+        proc = subprocess.run(list(argv), env=dict(env) if env is not None else None, input=input,
+                              capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as exc:
+        raise CommandError(f"{argv[0]}: command not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(f"{' '.join(argv)}: no answer within {timeout:.0f} s") from exc
+    if check and proc.returncode != 0:
+        raise CommandError(f"{' '.join(argv)} failed (exit {proc.returncode}): "
+                           f"{_tail(proc.stderr or proc.stdout, 5)}")
+    return proc
+
+
+@dataclass
+class Child:
+    """A long-running child in its own process group, output appended to a log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return _tail(self.log_path.read_text(errors="replace"), lines)
+        except OSError:
+            return ""
+
+    def terminate(self, timeout: float = 15) -> None:
+        """SIGTERM the child's process group, SIGKILL it after TIMEOUT; reap the child."""
+        if self.popen.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def spawn(name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> Child:
+    """Start ARGV in a new session (its own process group), stdout+stderr appended to LOG_PATH."""
+    log.debug("spawn %s: %s", name, " ".join(argv))
+    with open(log_path, "ab") as out:
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {name}: {argv[0]} ...\n".encode())
+        out.flush()
+        try:
+            popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, env=dict(env) if env is not None else None,
+                                     start_new_session=True)
+        except FileNotFoundError as exc:
+            raise CommandError(f"{name}: {argv[0]}: command not found") from exc
+    return Child(name, popen, log_path)

@@ -1,0 +1,313 @@
+"""The job spec: YAML → typed frozen dataclasses, with defaults; every error names the key path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import SpecError
+
+Auto = Literal["auto"]
+Scalar = Union[str, int, float, bool]  # noqa: UP007  (a runtime alias used by the loader)
+RUNTIMES = ("apptainer", "docker", "podman", "none")
+# Keys of `env` that look like secrets: refused there (they would land in scripts and logs).
+SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY)", re.I)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to serve: `path` as seen where vLLM runs (inside the container)."""
+
+    path: str
+    served_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.served_name or Path(self.path.rstrip("/")).name
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """The allocation: one task per node, `gpus_per_node` GPUs each."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    constraint: str | None = None
+    exclusive: bool = False
+    extra_directives: dict[str, Scalar] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    python: str | None = None
+
+
+@dataclass(frozen=True)
+class ParallelismSpec:
+    """Tensor × pipeline parallel sizes: `auto` gives TP = gpus_per_node and PP = nodes."""
+
+    tensor: int | Auto = "auto"
+    pipeline: int | Auto = "auto"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Where Ray and vLLM run: a container runtime and image, or `none` (the node's environment)."""
+
+    runtime: Literal["apptainer", "docker", "podman", "none"] = "none"
+    image: str | None = None
+    binds: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    gpus: bool = True
+    shm_size: str = "16g"
+
+
+@dataclass(frozen=True)
+class VllmSpec:
+    """`vllm serve` options: `args` become flags (`max_model_len: 256` → `--max-model-len 256`)."""
+
+    args: dict[str, Scalar] = field(default_factory=dict)
+    port: int | Auto = "auto"
+    api_key: Literal["auto", "none"] = "auto"
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """The Ray cluster: the head's GCS port (`auto`: planned per job) and optional extra flags."""
+
+    port: int | Auto = "auto"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One slurm_vllm job: everything `submit` and `render` need."""
+
+    name: str
+    model: ModelSpec
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    parallelism: ParallelismSpec = field(default_factory=ParallelismSpec)
+    container: ContainerSpec = field(default_factory=ContainerSpec)
+    env: dict[str, str] = field(default_factory=dict)
+    secret_env: dict[str, str] = field(default_factory=dict)
+    vllm: VllmSpec = field(default_factory=VllmSpec)
+    ray: RaySpec = field(default_factory=RaySpec)
+    jobs_root: str = "~/.slurm_vllm/jobs"
+    ready_timeout: int = 1800
+
+    @property
+    def jobs_root_path(self) -> Path:
+        return Path(os.path.expandvars(self.jobs_root)).expanduser()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) if not isinstance(a, str) else a for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is dict:
+        return "a mapping"
+    if origin is tuple:
+        return "a list of strings"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _convert(option, value, path)
+            except SpecError:
+                continue
+        raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise SpecError(f"{path}: expected one of {', '.join(map(str, get_args(tp)))}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise SpecError(f"{path}: expected null, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{path}: expected a mapping, got {value!r}")
+        _, value_tp = get_args(tp)
+        return {str(k): _convert(value_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SpecError(f"{path}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema bug, not user input
+        raise TypeError(f"unsupported spec type {tp!r} at {path}")
+    raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    if f.default is not dataclasses.MISSING:
+        return f"{f.name} (default {f.default!r})" if f.default is not None else f"{f.name} (default null)"
+    if f.default_factory is not dataclasses.MISSING:
+        return f"{f.name} (default {f.default_factory()!r})"
+    return f"{f.name} (required)"
+
+
+def _build(cls: Any, data: Any, path: str) -> Any:
+    where = path or "the spec"
+    if data is None and path:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls, globalns=globals())
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            valid = ", ".join(_default_text(f) for f in fields.values())
+            raise SpecError(f"{path + '.' if path else ''}{key}: unknown key; valid keys: {valid}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{sub}: required key is missing")
+    return cls(**kwargs)
+
+
+def _check(spec: JobSpec) -> None:
+    """Rules across keys that a type alone cannot say."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", spec.name):
+        raise SpecError(f"name: {spec.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    s = spec.slurm
+    if s.nodes < 1:
+        raise SpecError(f"slurm.nodes: must be >= 1, got {s.nodes}")
+    if s.gpus_per_node < 0:
+        raise SpecError(f"slurm.gpus_per_node: must be >= 0, got {s.gpus_per_node}")
+    if s.cpus_per_task is not None and s.cpus_per_task < 1:
+        raise SpecError(f"slurm.cpus_per_task: must be >= 1, got {s.cpus_per_task}")
+    if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", s.time):
+        raise SpecError(f"slurm.time: {s.time!r}: use Slurm's [D-]HH:MM:SS, HH:MM:SS or minutes")
+    for key in ("tensor", "pipeline"):
+        value = getattr(spec.parallelism, key)
+        if value != "auto" and value < 1:
+            raise SpecError(f"parallelism.{key}: must be >= 1 or auto, got {value}")
+    c = spec.container
+    if c.runtime != "none" and not c.image:
+        raise SpecError(f"container.image: required when container.runtime is {c.runtime}")
+    for i, bind in enumerate(c.binds):
+        parts = bind.split(":")
+        bad_mode = len(parts) == 3 and parts[2] not in ("ro", "rw")
+        if len(parts) not in (2, 3) or not all(parts[:2]) or bad_mode:
+            raise SpecError(f"container.binds[{i}]: {bind!r}: use host:container or host:container:ro")
+    for key in spec.env:
+        if SECRET_NAME.search(key):
+            raise SpecError(f"env.{key}: looks like a secret; put it in secret_env as "
+                            f"{key}: /path/to/file (read on the node, never written into scripts)")
+    for key, value in spec.secret_env.items():
+        if not value.startswith(("/", "~", "$")):
+            raise SpecError(f"secret_env.{key}: must be the path of a file holding the value, got {value!r}")
+    for key in list(spec.env) + list(spec.secret_env):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise SpecError(f"env.{key}: not a valid environment variable name")
+    for key in ("port",):
+        for section in (spec.vllm, spec.ray):
+            value = getattr(section, key)
+            if value != "auto" and not 1024 <= value <= 65535:
+                raise SpecError(f"{'vllm' if section is spec.vllm else 'ray'}.port: must be 1024-65535 "
+                                f"or auto, got {value}")
+    if spec.ready_timeout < 10:
+        raise SpecError(f"ready_timeout: must be >= 10 seconds, got {spec.ready_timeout}")
+
+
+def _expand(value: Any, path: str) -> Any:
+    """${NAME} in string values → the login node's environment (slurm.setup lines stay shell)."""
+    if isinstance(value, dict):
+        return {k: v if f"{path}.{k}".lstrip(".") == "slurm.setup" else _expand(v, f"{path}.{k}")
+                for k, v in value.items()}
+    if isinstance(value, list):
+        out: list[Any] = []
+        for i, v in enumerate(value):
+            expanded = _expand(v, f"{path}[{i}]")
+            # A bind entry may name a variable holding several binds, comma-separated.
+            if path == ".container.binds" and isinstance(v, str) and "${" in v:
+                out += [b for b in expanded.split(",") if b]
+            else:
+                out.append(expanded)
+        return out
+    if isinstance(value, str) and "${" in value:
+        def var(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise SpecError(f"{path.lstrip('.')}: ${{{name}}} is not set in the environment")
+            return os.environ[name]
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", var, value)
+    return value
+
+
+def parse(data: Any) -> JobSpec:
+    """Build and check a JobSpec from already-parsed YAML data (${NAME} expanded first)."""
+    spec: JobSpec = _build(JobSpec, _expand(data, ""), "")
+    _check(spec)
+    return spec
+
+
+def load(path: str | Path) -> JobSpec:
+    """Read a YAML job spec; SpecError names the file and the key path of any problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    try:
+        return parse(data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from exc
+
+
+def to_dict(spec: JobSpec) -> dict[str, Any]:
+    """The resolved spec as plain data (tuples as lists), for spec.yaml in the job folder."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(spec))  # type: ignore[no-any-return]
+
+
+def dump(spec: JobSpec) -> str:
+    return yaml.safe_dump(to_dict(spec), sort_keys=False)

@@ -1,0 +1,68 @@
+"""The command line: --help stays light (no ray/vllm import), errors are one line with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "slurm_vllm", *args], capture_output=True, text=True,
+                          env=env)
+
+
+def test_help_and_validate_do_not_import_ray_or_vllm(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nmodel: {path: /m}\nslurm: {nodes: 2, gpus_per_node: 4}\n")
+    probe = (
+        "import sys\nfrom slurm_vllm.cli import main\n"
+        "for verb in ['validate', 'render', 'submit', 'status', 'endpoint', 'logs', 'cancel']:\n"
+        "    try:\n        main([verb, '--help'])\n    except SystemExit:\n        pass\n"
+        f"main(['validate', {str(spec)!r}])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'torch', 'submitit'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+
+
+def test_spec_error_is_one_line_exit_2_and_debug_shows_traceback(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: t\nmodel: {path: /m}\nslurm: {nodez: 2}\n")
+    out = cli("validate", str(spec))
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "slurm.nodez: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "Traceback" in cli("--debug", "validate", str(spec)).stderr
+
+
+def test_bad_parallelism_exit_2(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: t\nmodel: {path: /m}\nslurm: {nodes: 2, gpus_per_node: 4}\n"
+                    "parallelism: {tensor: 3}\n")
+    out = cli("validate", str(spec))
+    assert out.returncode == 2 and "valid choices: TP1xPP8, TP2xPP4, TP4xPP2, TP8xPP1" in out.stderr
+
+
+def test_unknown_job_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    out = cli("status", "999999", "--jobs-root", str(tmp_path))
+    assert out.returncode == 1 and "job 999999: no job folder" in out.stderr
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_validates(path: Path, tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           **{k: f"/testbed/{k.lower()}" for k in (
+               "SLURM_VLLM_TEST_VENV", "SLURM_VLLM_TEST_MODEL", "SLURM_VLLM_TEST_JOBS_ROOT",
+               "SLURM_VLLM_TEST_APPTAINER_IMAGE")},
+           "SLURM_VLLM_TEST_IMAGE": "localhost/test:latest", "SLURM_VLLM_TEST_BINDS": "/a:/a:ro,/b:/b"}
+    out = cli("validate", str(path), env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok: ")

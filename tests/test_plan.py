@@ -1,0 +1,80 @@
+"""TP×PP planning, vLLM flags and port blocks (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from slurm_vllm import plan, spec
+from slurm_vllm.errors import PlanError
+
+pytestmark = pytest.mark.unit
+LLAMA_70B = {"num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80}
+
+
+def make_spec(nodes: int, gpus: int, tensor: object = "auto", pipeline: object = "auto") -> spec.JobSpec:
+    return spec.parse({"name": "t", "model": {"path": "/nonexistent"}, "slurm": {"nodes": nodes,
+                       "gpus_per_node": gpus}, "parallelism": {"tensor": tensor, "pipeline": pipeline}})
+
+
+@pytest.mark.parametrize(("nodes", "gpus", "tensor", "pipeline", "tp", "pp"), [
+    (1, 8, "auto", "auto", 8, 1),
+    (2, 8, "auto", "auto", 8, 2),       # vLLM's documented option: TP = GPUs per node, PP = nodes
+    (2, 8, 16, 1, 16, 1),               # the other one: TP across both nodes
+    (2, 8, 16, "auto", 16, 1),
+    (2, 8, "auto", 1, 16, 1),
+    (4, 4, "auto", "auto", 4, 4),
+    (4, 4, 8, "auto", 8, 2),
+    (2, 1, "auto", "auto", 1, 2),
+    (2, 1, 2, 1, 2, 1),
+])
+def test_tp_pp_table(nodes: int, gpus: int, tensor: object, pipeline: object, tp: int, pp: int) -> None:
+    assert plan.choose_parallel(make_spec(nodes, gpus, tensor, pipeline)) == plan.Parallel(tp, pp)
+
+
+def test_bad_product_lists_valid_factorizations() -> None:
+    with pytest.raises(PlanError) as info:
+        plan.choose_parallel(make_spec(2, 4, 4, 4))
+    text = str(info.value)
+    assert "= 2x4 = 8 GPUs, got tensor=4, pipeline=4" in text
+    assert "valid choices: TP1xPP8, TP2xPP4, TP4xPP2, TP8xPP1" in text
+    with pytest.raises(PlanError, match="valid choices"):
+        plan.choose_parallel(make_spec(2, 4, 3))
+
+
+def test_model_config_checks_heads_and_layers() -> None:
+    assert plan.choose_parallel(make_spec(2, 8), LLAMA_70B) == plan.Parallel(8, 2)
+    with pytest.raises(PlanError, match=r"6 attention heads do not divide by 4.*TP1xPP4, TP2xPP2"):
+        plan.choose_parallel(make_spec(1, 4), {"num_attention_heads": 6, "num_hidden_layers": 30})
+    with pytest.raises(PlanError, match="the model has only 2 layers"):
+        plan.choose_parallel(make_spec(4, 1), {"num_attention_heads": 4, "num_hidden_layers": 2})
+
+
+def test_vllm_flags_and_managed_keys() -> None:
+    assert plan.vllm_flags({"max_model_len": 256, "enforce_eager": True, "trust_remote_code": False}) == (
+        "--max-model-len", "256", "--enforce-eager")
+    for key in ("tensor_parallel_size", "api_key", "port", "host"):
+        with pytest.raises(PlanError, match=f"vllm.args.{key}: set by slurm_vllm"):
+            plan.vllm_flags({key: 1})
+
+
+def test_port_blocks_do_not_overlap_and_avoid_ray_and_ephemeral_ranges() -> None:
+    p = plan.make(make_spec(2, 1))
+    blocks = [set(plan.ports(p, job).all()) for job in range(plan.SLOTS)]
+    assert all(not (a & b) for i, a in enumerate(blocks) for b in blocks[i + 1:])
+    everything = set().union(*blocks)
+    assert min(everything) >= 20000 and max(everything) < 32768
+    assert plan.ports(p, 7, attempt=1) == plan.ports(p, 8)
+
+
+def test_ray_and_vllm_argv() -> None:
+    p = plan.make(make_spec(2, 1))
+    ports = plan.ports(p, 3)
+    head = plan.ray_argv(p, ports, "10.0.0.1", None, 4)
+    assert "--head" in head and f"--port={ports.gcs}" in head and "--include-dashboard=false" in head
+    worker = plan.ray_argv(p, ports, "10.0.0.2", "10.0.0.1:20192", 4)
+    assert "--address=10.0.0.1:20192" in worker and "--head" not in worker
+    assert "--node-ip-address=10.0.0.2" in worker and "--num-gpus=1" in worker
+    serve = plan.vllm_argv(p, "10.0.0.1", ports.api)
+    assert serve[:3] == ["vllm", "serve", "/nonexistent"]
+    assert serve[serve.index("--pipeline-parallel-size") + 1] == "2"
+    assert "--api-key" not in serve

@@ -1,0 +1,74 @@
+"""Spec parsing: defaults, and one-line errors that name the key path and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm_vllm import spec
+from slurm_vllm.errors import SpecError
+
+pytestmark = pytest.mark.unit
+MINIMAL = {"name": "t", "model": {"path": "/models/m"}}
+
+
+def parse(**overrides: object) -> spec.JobSpec:
+    return spec.parse({**MINIMAL, **overrides})
+
+
+def test_defaults() -> None:
+    s = parse()
+    assert s.slurm.nodes == 1 and s.slurm.gpus_per_node == 1 and s.slurm.time == "01:00:00"
+    assert s.parallelism.tensor == "auto" and s.container.runtime == "none"
+    assert s.vllm.api_key == "auto" and s.model.name == "m"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"slurm": {"nodez": 2}}, "slurm.nodez: unknown key; valid keys: nodes (default 1), gpus_per_node"),
+    ({"colour": 1}, "colour: unknown key; valid keys: name (required), model (required)"),
+    ({"slurm": {"nodes": "two"}}, "slurm.nodes: expected int, got 'two'"),
+    ({"slurm": {"nodes": 0}}, "slurm.nodes: must be >= 1"),
+    ({"parallelism": {"tensor": "max"}}, "parallelism.tensor: expected int or auto, got 'max'"),
+    ({"container": {"runtime": "singularity"}},
+     "container.runtime: expected one of apptainer, docker, podman, none, got 'singularity'"),
+    ({"container": {"runtime": "docker"}}, "container.image: required when container.runtime is docker"),
+    ({"container": {"binds": ["/a"]}}, "container.binds[0]: '/a': use host:container or host:container:ro"),
+    ({"env": {"HF_TOKEN": "hf_x"}}, "env.HF_TOKEN: looks like a secret; put it in secret_env"),
+    ({"secret_env": {"HF_TOKEN": "hf_x"}}, "secret_env.HF_TOKEN: must be the path of a file"),
+    ({"slurm": {"time": "1 hour"}}, "slurm.time: '1 hour': use Slurm's"),
+    ({"vllm": {"port": 80}}, "vllm.port: must be 1024-65535 or auto"),
+    ({"model": {}}, "model.path: required key is missing"),
+])
+def test_errors_name_the_key(data: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        spec.parse({**MINIMAL, **data})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_env_expansion_and_bind_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("M", "/data/model")
+    monkeypatch.setenv("BINDS", "/a:/a:ro,/b:/b")
+    s = spec.parse({"name": "t", "model": {"path": "${M}"}, "container": {"binds": ["${BINDS}", "/c:/c"]},
+                    "slurm": {"setup": ["echo ${NOT_EXPANDED}"]}})
+    assert s.model.path == "/data/model"
+    assert s.container.binds == ("/a:/a:ro", "/b:/b", "/c:/c")
+    assert s.slurm.setup == ("echo ${NOT_EXPANDED}",)
+    with pytest.raises(SpecError, match=r"model.path: \$\{NOPE\} is not set"):
+        spec.parse({"name": "t", "model": {"path": "${NOPE}"}})
+
+
+def test_load_reports_file_and_yaml_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(SpecError, match=r"bad.yaml: line \d+: not valid YAML"):
+        spec.load(bad)
+    with pytest.raises(SpecError, match="cannot read"):
+        spec.load(tmp_path / "missing.yaml")
+
+
+def test_dump_round_trips() -> None:
+    s = parse(slurm={"nodes": 2, "setup": ["module load x"]}, vllm={"args": {"max_model_len": 256}})
+    assert spec.parse(yaml.safe_load(spec.dump(s))) == s
