@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from . import __version__
 from .errors import SlurmVllmError
@@ -68,8 +69,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"  status: python -m slurm_vllm status {jd.path}\n"
               f"  cancel: python -m slurm_vllm cancel {jd.path}   (or scancel {job_id})")
     if args.wait:
-        return _wait(jd, job_id, quiet=args.json)
+        sys.stdout.flush()
+        return _wait(jd, job_id, out=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .preflight import table
+    from .submit import submit
+
+    spec, plan = _load(args.spec)
+    job_id, jd = submit(spec, replace(plan, mode="preflight"))
+    print(f"preflight job {job_id}: all-reduce across {plan.nodes} nodes, folder {jd.path}", file=sys.stderr)
+    code = _wait(jd, job_id, out=sys.stderr, serving=False)
+    if code == 0:
+        result = jd.read_json(jd.preflight)
+        print(json.dumps(result) if args.json else table(result))
+    else:
+        print(f"slurm_vllm: preflight failed: {jd.read_stage()}", file=sys.stderr)
+    return code
 
 
 def _status(jd: JobDir) -> dict[str, object]:
@@ -89,20 +109,23 @@ def _status(jd: JobDir) -> dict[str, object]:
             "slurm_state": slurm_state}
 
 
-def _wait(jd: JobDir, job_id: str, quiet: bool) -> int:
+def _wait(jd: JobDir, job_id: str, out: TextIO, serving: bool = True) -> int:
+    """Show each new stage on OUT until READY (0) or a final stage (1; DONE is 0 when not SERVING)."""
     last = ""
     delay = 0.2
     while True:
         status = _status(jd)
         line = f"{status['stage']}{': ' + str(status['detail']) if status['detail'] else ''}"
-        if line != last and not quiet:
-            print(f"[{time.strftime('%H:%M:%S')}] {line}  (slurm: {status['slurm_state']})", flush=True)
+        if line != last:
+            print(f"[{time.strftime('%H:%M:%S')}] {line}  (slurm: {status['slurm_state']})", file=out,
+                  flush=True)
         last = line
-        if status["stage"] == "READY":
-            if not quiet:
-                endpoint = jd.read_json(jd.endpoint)
-                print(f"ready: {endpoint['url']}  model {endpoint['model']}"
-                      f"{'  key in ' + endpoint['api_key_file'] if endpoint['api_key_file'] else ''}")
+        if status["stage"] == "DONE" and not serving:
+            return 0
+        if status["stage"] == "READY" and serving:
+            endpoint = jd.read_json(jd.endpoint)
+            print(f"ready: {endpoint['url']}  model {endpoint['model']}"
+                  f"{'  key in ' + endpoint['api_key_file'] if endpoint['api_key_file'] else ''}", file=out)
             return 0
         if status["stage"] in FINAL:
             return 1
@@ -184,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
     s = verb("submit", cmd_submit, "submit a spec; print the job id and folder", spec=True)
     s.add_argument("--wait", action="store_true", help="block until READY (exit 0) or failure (exit 1)")
     s.add_argument("--json", action="store_true", help='print {"job_id": ..., "job_dir": ...}')
+    pf = verb("preflight", cmd_preflight, "run a cross-node all-reduce in the spec's allocation and "
+              "containers; print bandwidth and NCCL's transport", spec=True)
+    pf.add_argument("--json", action="store_true")
     st = verb("status", cmd_status, "stage and Slurm state of a job", job=True)
     st.add_argument("--json", action="store_true")
     e = verb("endpoint", cmd_endpoint, "the OpenAI-compatible URL of a READY job", job=True)

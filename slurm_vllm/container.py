@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,24 +18,29 @@ class Runtime:
     env_file: Path            # 0600 file with the job's environment and secrets
     binds: tuple[str, ...]    # host:container[:ro], the job folder included
     visible_gpus: tuple[str, ...] = ()
+    infiniband: bool = False  # Apptainer passes /dev through; Docker/Podman need the devices
 
     @property
     def kind(self) -> str:
         return self.spec.runtime
 
-    def start(self, argv: list[str]) -> list[str]:
-        """The argv that starts ARGV as the rank's main program (a new container for docker/podman)."""
+    def start(self, argv: list[str], suffix: str = "") -> list[str]:
+        """The argv that starts ARGV as the rank's main program (a new container for docker/podman,
+        named NAME+SUFFIX)."""
         c = self.spec
         if c.runtime == "none":
             return argv
         if c.runtime == "apptainer":
             return self._apptainer(argv)
         assert c.image is not None
-        cmd = [c.runtime, "run", "--rm", "--name", self.name, "--network", "host", "--ipc", "host",
-               "--init", f"--shm-size={c.shm_size}", "--env-file", str(self.env_file)]
+        # Host network and IPC: Ray and vLLM use the node's address and its whole /dev/shm.
+        cmd = [c.runtime, "run", "--rm", "--name", self.name + suffix, "--network", "host", "--ipc", "host",
+               "--init", "--env-file", str(self.env_file)]
         for bind in self.binds:
             cmd += ["-v", bind]
         cmd += self._gpu_flags()
+        if self.infiniband:       # RDMA inside the container, else NCCL silently falls back to TCP
+            cmd += ["--device", "/dev/infiniband", "--ulimit", "memlock=-1", "--cap-add", "IPC_LOCK"]
         return [*cmd, *c.options, c.image, *argv]
 
     def exec(self, argv: list[str]) -> list[str]:
@@ -45,11 +51,13 @@ class Runtime:
             return self._apptainer(argv)
         return [self.spec.runtime, "exec", "--env-file", str(self.env_file), self.name, *argv]
 
-    def remove(self) -> list[str] | None:
-        """The argv that removes the rank's container (and everything in it), if there is one."""
-        if self.spec.runtime in ("docker", "podman"):
-            return [self.spec.runtime, "rm", "--force", "--time", "5", self.name] \
-                if self.spec.runtime == "podman" else [self.spec.runtime, "rm", "--force", self.name]
+    def remove(self, suffixes: tuple[str, ...] = ("",)) -> list[str] | None:
+        """The argv that removes the rank's containers (and everything in them), if there are any."""
+        names = [self.name + s for s in suffixes]
+        if self.spec.runtime == "podman":
+            return ["podman", "rm", "--force", "--ignore", "--time", "5", *names]
+        if self.spec.runtime == "docker":
+            return ["docker", "rm", "--force", *names]
         return None
 
     def _gpu_flags(self) -> list[str]:
@@ -69,11 +77,12 @@ class Runtime:
         return [*cmd, *self.spec.options, self.spec.image, *argv]
 
 
-def env_file_text(env: dict[str, str]) -> str:
-    """KEY=VALUE lines as docker/podman/apptainer --env-file read them (one value per line, no quoting)."""
+def env_file_text(env: dict[str, str], runtime: str) -> str:
+    """KEY=VALUE lines for RUNTIME's --env-file: docker/podman take values literally, apptainer
+    sources the file as shell (values shell-quoted); `none` reads it back like docker's."""
     lines = []
     for key, value in env.items():
         if "\n" in value:
             raise ValueError(f"environment variable {key}: a value may not contain a newline")
-        lines.append(f"{key}={value}")
+        lines.append(f"{key}={shlex.quote(value) if runtime == 'apptainer' else value}")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import SlurmVllmError
 
 # Stages a job goes through; the last four are final.
-STAGES = ("PENDING", "STARTING", "RAY_HEAD", "RAY_JOINED", "LOADING", "READY",
+STAGES = ("PENDING", "STARTING", "PREFLIGHT", "RAY_HEAD", "RAY_JOINED", "LOADING", "READY",
           "DONE", "FAILED", "CANCELLED", "TIMEOUT")
 FINAL = ("DONE", "FAILED", "CANCELLED", "TIMEOUT")
 
@@ -61,6 +61,8 @@ class JobDir:
     logs = property(lambda self: self.path / "logs")
     submitit = property(lambda self: self.path / "submitit")
     done = property(lambda self: self.path / "done")
+    preflight = property(lambda self: self.path / "preflight.json")
+    preflight_addr = property(lambda self: self.path / "preflight-addr.json")
 
     def rank_log(self, role: str, rank: int) -> Path:
         return self.path / "logs" / f"{role}-{rank}.log"

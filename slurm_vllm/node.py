@@ -10,6 +10,7 @@ for facts. SIGTERM/SIGINT (scancel) and SIGUSR2 (time limit near) stop everythin
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import psutil
 import yaml
 
 from . import hostlist, proc
+from . import preflight as preflight_mod
 from . import spec as spec_mod
 from .container import Runtime, env_file_text
 from .errors import ClusterError, ServeError, SlurmVllmError
@@ -75,12 +77,36 @@ def interface_of(ip: str) -> str:
     raise ClusterError(f"no network interface holds {ip}")
 
 
-def identity(head_host: str) -> Identity:
-    head_ip = socket.gethostbyname(head_host)
-    ip = route_ip(head_ip)
+def interface_addresses() -> dict[str, tuple[str, str]]:
+    """{interface: (IPv4, netmask)} of this node."""
+    out: dict[str, tuple[str, str]] = {}
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family == socket.AF_INET:
+                out.setdefault(name, (a.address, a.netmask or "255.255.255.255"))
+    return out
+
+
+def interface_network(interface: str) -> ipaddress.IPv4Network:
+    ip, mask = interface_addresses()[interface]
+    return ipaddress.IPv4Network(f"{ip}/{mask}", strict=False)
+
+
+def identity(head_host: str, interface: str | None, head_ip: str | None = None) -> Identity:
+    """This node's address: on INTERFACE if given, else the one on the route to the head."""
+    if interface:
+        addrs = interface_addresses()
+        if interface not in addrs:
+            have = ", ".join(f"{n} {a[0]}" for n, a in sorted(addrs.items()))
+            raise ClusterError(f"network.interface: {interface} has no IPv4 address on "
+                               f"{socket.gethostname()} (interfaces here: {have})")
+        ip = addrs[interface][0]
+        return Identity(socket.gethostname(), ip, interface, head_host, head_ip or ip)
+    resolved = head_ip or socket.gethostbyname(head_host)
+    ip = route_ip(resolved)
     if ip.startswith("127."):
-        ip = head_ip          # this is the head: its address on the route others use
-    return Identity(socket.gethostname(), ip, interface_of(ip), head_host, head_ip)
+        ip = resolved         # this is the head: its address on the route others use
+    return Identity(socket.gethostname(), ip, interface_of(ip), head_host, resolved)
 
 
 def port_free(port: int) -> bool:
@@ -156,7 +182,7 @@ class Rank:
         env.update({
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.jd.ray_token),
-            "RAY_ADDRESS": f"{ident.head_ip}:{self.gcs_port(ports)}",
+            **self.spec.nccl.env(),
             "RAY_USAGE_STATS_ENABLED": "0",
             "VLLM_HOST_IP": ident.ip,
             "GLOO_SOCKET_IFNAME": ident.interface,
@@ -164,12 +190,49 @@ class Rank:
         })
         for key, path in self.spec.secret_env.items():
             env[key] = read_secret(Path(os.path.expandvars(path)).expanduser())
-        if self.rank == 0 and self.plan.api_key:
-            env["VLLM_API_KEY"] = read_secret(self.jd.api_key)
+        if self.rank == 0:
+            env["RAY_ADDRESS"] = f"{ident.ip}:{ports.gcs}"   # vllm serve joins this Ray, never its own
+            if self.plan.api_key:
+                env["VLLM_API_KEY"] = read_secret(self.jd.api_key)
         return env
 
-    def gcs_port(self, ports: Ports) -> int:
-        return ports.gcs if self.rank == 0 else int(self.jd.read_json(self.jd.head)["gcs_port"])
+    @property
+    def wants_preflight(self) -> bool:
+        return self.plan.mode == "preflight" or self.plan.preflight
+
+    def preflight(self, ident: Identity, ports: Ports) -> None:
+        """Every rank: the cross-node all-reduce (preflight.py) in this rank's container."""
+        assert self.runtime is not None
+        if self.rank == 0:
+            self.jd.write_json(self.jd.preflight_addr, {"ip": ident.ip, "port": ports.client})
+            self.jd.write_stage("PREFLIGHT", f"all-reduce across {self.plan.nodes} nodes")
+        addr = self.jd.read_json(self.jd.preflight_addr)
+        out = self.jd.path / "preflight-raw.json"
+        argv = ["python3", "-c", preflight_mod.SCRIPT, str(self.rank), str(self.plan.nodes), str(addr["ip"]),
+                str(addr["port"]), str(out), ",".join(map(str, preflight_mod.SIZES))]
+        log_path = self.jd.rank_log("preflight", self.rank)
+        child = proc.spawn("preflight", self.runtime.start(argv, suffix="-preflight"), log_path,
+                           env=self.child_env())
+        deadline = time.monotonic() + 300
+        try:
+            while child.alive():
+                if self.stop.is_set():
+                    raise Stopped(self.stop_reason or "stopped")
+                if time.monotonic() > deadline:
+                    raise ClusterError("preflight: no result within 300 s: a hang at process-group init "
+                                       "(check network.interface and that the nodes reach each other)")
+                self.stop.wait(POLL)
+        finally:
+            child.terminate(timeout=5)
+        if child.returncode():
+            raise ClusterError(f"preflight failed on {socket.gethostname()} (exit {child.returncode()}): "
+                               f"{child.tail(6)}")
+        if self.rank == 0:
+            result = preflight_mod.verdict(json.loads(out.read_text()), log_path.read_text(errors="replace"),
+                                           ib_requested=self.spec.nccl.ib_hca is not None)
+            self.jd.write_json(self.jd.preflight, result)
+            self.jd.write_stage("PREFLIGHT", f"ok: {result['transport']}, "
+                                             f"{result['rows'][-1]['busbw_GBps']:.2f} GB/s bus bandwidth")
 
     def choose_ports(self) -> Ports:
         """This node's port block: planned from the job id, moved on when any port is taken here."""
@@ -185,11 +248,12 @@ class Rank:
     def make_runtime(self, ident: Identity, ports: Ports) -> Runtime:
         env_file = self.jd.env_dir / f"rank-{self.rank}.env"
         env = self.environment(ident, ports)
-        write_secret(env_file, env_file_text(env).rstrip("\n"))
+        write_secret(env_file, env_file_text(env, self.spec.container.runtime).rstrip("\n"))
         gpus = tuple(g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g)
         binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}")
         name = f"slurm-vllm-{self.job_id}-{self.rank}"
-        return Runtime(self.spec.container, name, env_file, binds, gpus)
+        return Runtime(self.spec.container, name, env_file, binds, gpus,
+                       infiniband=self.spec.nccl.ib_hca is not None)
 
     def child_env(self) -> dict[str, str] | None:
         """The process environment of a child: for runtime none the job env goes in directly."""
@@ -213,7 +277,7 @@ class Rank:
         for child in reversed(self.children):
             child.terminate(timeout=10)
         if self.runtime is not None:
-            remove = self.runtime.remove()
+            remove = self.runtime.remove(("", "-preflight"))
             if remove:
                 proc.run(remove, check=False, timeout=30)
 
@@ -223,10 +287,14 @@ class Head(Rank):
 
     def run(self) -> None:
         hosts = self.hosts
-        ident = identity(hosts[0])
+        ident = identity(hosts[0], self.spec.network.interface)
         self.jd.write_stage("STARTING", f"{len(hosts)} nodes: {','.join(hosts)}")
         ports = self.choose_ports()
         self.runtime = self.make_runtime(ident, ports)
+        if self.wants_preflight:
+            self.preflight(ident, ports)
+            if self.plan.mode == "preflight":
+                return
         self.spawn("ray-head", self.runtime.start(ray_argv(self.plan, ports, ident.ip, None, self.cpus)))
         self.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
                       lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
@@ -234,6 +302,8 @@ class Head(Rank):
                                           "api_port": ports.api, "interface": ident.interface})
         self.jd.write_stage("RAY_HEAD", f"{ident.ip}:{ports.gcs}")
         nodes = self.barrier(ident, ports)
+        self.jd.write_json(self.jd.path / "ray_nodes.json", nodes)
+        self.check_network(ident, nodes)
         self.jd.write_stage("LOADING", f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
                                        f"{', '.join(sorted(str(n['ip']) for n in nodes))}")
         self.spawn("vllm", self.runtime.exec(vllm_argv(self.plan, ident.ip, ports.api)))
@@ -275,6 +345,16 @@ class Head(Rank):
                       self.plan.ready_timeout)
         return seen
 
+    def check_network(self, ident: Identity, nodes: list[dict[str, object]]) -> None:
+        """Every Ray node registered an address on the chosen interface's network, or fail now
+        (else vLLM's placement group waits forever for a node it cannot match)."""
+        net = interface_network(ident.interface)
+        wrong = [str(n["ip"]) for n in nodes if ipaddress.ip_address(str(n["ip"])) not in net]
+        if wrong:
+            raise ClusterError(f"Ray nodes {', '.join(wrong)} are not on {ident.interface}'s network {net} "
+                               f"(the head is {ident.ip}); set network.interface to an interface every "
+                               f"node has on one network")
+
     def check_workers(self) -> None:
         for failed in self.jd.path.glob("rank-*.failed"):
             raise ClusterError(f"{failed.stem}: {failed.read_text().strip()}")
@@ -310,21 +390,31 @@ class Worker(Rank):
     """Ranks above 0: join the head's Ray cluster, stay until the head says done."""
 
     def run(self) -> None:
-        self.wait_for("the Ray head (head.json)", self.head_ready, self.plan.ready_timeout)
-        head = self.jd.read_json(self.jd.head)
-        ident = identity(self.hosts[0])
+        first = self.jd.preflight_addr if self.wants_preflight else self.jd.head
+        self.wait_for(f"the head ({first.name})", lambda: self.published(first), self.plan.ready_timeout)
+        head_ip = str(self.jd.read_json(first)["ip"])
+        ident = identity(self.hosts[0], self.spec.network.interface, head_ip=head_ip)
         ports = self.choose_ports()
         self.runtime = self.make_runtime(ident, ports)
+        if self.wants_preflight:
+            self.preflight(ident, ports)
+            if self.plan.mode == "preflight":
+                return
+        self.wait_for("the Ray head (head.json)", self.head_ready, self.plan.ready_timeout)
+        head = self.jd.read_json(self.jd.head)
         address = f"{head['ip']}:{head['gcs_port']}"
         self.spawn("ray-worker", self.runtime.start(ray_argv(self.plan, ports, ident.ip, address, self.cpus)))
         while not self.jd.done.exists():
             self.check()
             self.stop.wait(POLL)
 
-    def head_ready(self) -> bool:
+    def published(self, path: Path) -> bool:
         if self.jd.done.exists() or self.jd.read_stage().stage in FINAL:
             raise Stopped("the head ended")
-        return self.jd.head.exists() and port_open(
+        return path.exists()
+
+    def head_ready(self) -> bool:
+        return self.published(self.jd.head) and port_open(
             str(self.jd.read_json(self.jd.head)["ip"]), int(self.jd.read_json(self.jd.head)["gcs_port"]))
 
 
@@ -358,6 +448,12 @@ def main(job_dir: str) -> int:
         if rank.rank == 0:
             jd.write_stage(final if final in FINAL else "CANCELLED", detail)
     return code
+
+
+def run_task(job_dir: str) -> None:
+    """submitit's entry point: a failed rank raises, so its task exits non-zero and Slurm says FAILED."""
+    if main(job_dir):
+        raise ClusterError(f"this rank failed; see {job_dir}/stage and {job_dir}/logs")
 
 
 def init(job_dir: str, script: str | None, spec_yaml: str) -> None:

@@ -70,6 +70,8 @@ class Plan:
     api_port: int | None
     ready_timeout: int
     api_key: bool
+    preflight: bool = False        # run the cross-node all-reduce before Ray and vLLM
+    mode: str = "serve"            # "serve", or "preflight": the all-reduce only, then the job ends
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -173,7 +175,7 @@ def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
         vllm_args=vllm_flags(spec.vllm.args),
         gcs_port=None if spec.ray.port == "auto" else spec.ray.port,
         api_port=None if spec.vllm.port == "auto" else spec.vllm.port,
-        ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto",
+        ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto", preflight=spec.preflight,
     )
 
 

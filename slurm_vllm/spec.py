@@ -70,7 +70,27 @@ class ContainerSpec:
     binds: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
     gpus: bool = True
-    shm_size: str = "16g"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """The one interface per node that Ray, vLLM, NCCL and Gloo use (null: the route to the head)."""
+
+    interface: str | None = None
+
+
+@dataclass(frozen=True)
+class NcclSpec:
+    """NCCL settings for the containers; `ib_hca` set means InfiniBand is requested."""
+
+    ib_hca: str | None = None
+    ib_gid_index: int | None = None
+    debug: Literal["VERSION", "WARN", "INFO", "TRACE"] | None = None
+
+    def env(self) -> dict[str, str]:
+        values = {"NCCL_IB_HCA": self.ib_hca, "NCCL_IB_GID_INDEX": self.ib_gid_index,
+                  "NCCL_DEBUG": self.debug}
+        return {k: str(v) for k, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -98,12 +118,15 @@ class JobSpec:
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     parallelism: ParallelismSpec = field(default_factory=ParallelismSpec)
     container: ContainerSpec = field(default_factory=ContainerSpec)
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    nccl: NcclSpec = field(default_factory=NcclSpec)
     env: dict[str, str] = field(default_factory=dict)
     secret_env: dict[str, str] = field(default_factory=dict)
     vllm: VllmSpec = field(default_factory=VllmSpec)
     ray: RaySpec = field(default_factory=RaySpec)
     jobs_root: str = "~/.slurm_vllm/jobs"
     ready_timeout: int = 1800
+    preflight: bool = False
 
     @property
     def jobs_root_path(self) -> Path:
@@ -243,6 +266,9 @@ def _check(spec: JobSpec) -> None:
             if value != "auto" and not 1024 <= value <= 65535:
                 raise SpecError(f"{'vllm' if section is spec.vllm else 'ray'}.port: must be 1024-65535 "
                                 f"or auto, got {value}")
+    iface = spec.network.interface
+    if iface is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", iface):
+        raise SpecError(f"network.interface: {iface!r} is not an interface name (e.g. ib0, eth1)")
     if spec.ready_timeout < 10:
         raise SpecError(f"ready_timeout: must be >= 10 seconds, got {spec.ready_timeout}")
 

@@ -63,7 +63,7 @@ def submit(spec: JobSpec, plan: Plan) -> tuple[str, JobDir]:
         executor = submitit.AutoExecutor(folder=str(jd.submitit), cluster="slurm",
                                          slurm_python=shlex.quote(spec.slurm.python or sys.executable))
         executor.update_parameters(**executor_parameters(spec))
-        job = executor.submit(node.main, str(jd.path))
+        job = executor.submit(node.run_task, str(jd.path))
     except Exception as exc:  # submitit raises its own errors and subprocess ones
         shutil.rmtree(jd.path, ignore_errors=True)
         raise SubmitError(f"sbatch refused the job: {str(exc).strip().splitlines()[-1]}") from exc

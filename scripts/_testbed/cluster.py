@@ -57,8 +57,14 @@ def up(shape: Shape) -> None:
     testenv.ensure_model()
     timer.mark("model")
     testenv.ensure_image_rootfs()
+    testenv.ensure_apptainer_image()
     timer.mark("image")
+    testenv.ensure_apptainer()
+    timer.mark("apptainer")
     if Shape.load() == shape and not problems(shape):
+        for i in range(1, shape.nodes + 1):      # a rebuilt image reaches the running engines
+            engines.import_images(i)
+        timer.mark("images")
         print(f"testbed: already up ({shape.nodes} nodes); checked in {timer.report()}")
         return
     if procs.recorded() or Shape.load() is not None:

@@ -29,6 +29,8 @@ MODEL = CACHE / "model" / "tiny-llama"
 COMPILE_CACHE = CACHE / "compile-cache"
 ROOTFS_TAR = CACHE / "image" / "rootfs.tar"
 IMAGE = "localhost/slurm-vllm-test:latest"
+APPTAINER = CACHE / "apptainer"                      # real Apptainer, unpacked (see testenv.py)
+APPTAINER_IMAGE = CACHE / "image" / "sandbox"          # the test image as an Apptainer sandbox folder
 JOBS_ROOT = STATE / "jobs"            # shared by every node, like a cluster's home/scratch
 
 

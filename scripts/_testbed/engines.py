@@ -9,6 +9,7 @@ from . import procs
 from .config import IMAGE, ROOTFS_TAR, node_cache, node_dir, node_name
 from .procs import run
 from .slurm import in_node
+from .testenv import rootfs_digest
 
 HOST_CONTAINERS = Path("/etc/containers")
 
@@ -65,8 +66,11 @@ def wait_dockerd(i: int) -> None:
 
 
 def import_images(i: int) -> None:
-    """Import the test image into the node's docker and podman unless it is there already."""
-    if run(in_node(i, ["docker", "image", "inspect", IMAGE]), check=False).returncode != 0:
-        run(in_node(i, ["docker", "import", str(ROOTFS_TAR), IMAGE]))
-    if run(in_node(i, ["podman", "image", "exists", IMAGE]), check=False).returncode != 0:
-        run(in_node(i, ["podman", "import", str(ROOTFS_TAR), IMAGE]))
+    """Import the test image into the node's docker and podman unless that very rootfs is there."""
+    digest = rootfs_digest()
+    label = "{{ index .Config.Labels \"slurm-vllm-rootfs\" }}"
+    for engine in ("docker", "podman"):
+        have = run(in_node(i, [engine, "image", "inspect", "--format", label, IMAGE]), check=False)
+        if have.returncode != 0 or have.stdout.strip() != digest:
+            run(in_node(i, [engine, "import", "--change", f"LABEL slurm-vllm-rootfs={digest}",
+                            str(ROOTFS_TAR), IMAGE]))

@@ -10,7 +10,7 @@ from .procs import run
 PACKAGES = (
     "slurmctld", "slurmd", "slurm-client", "slurmdbd", "munge", "mariadb-server", "mariadb-client",
     "docker.io", "runc", "podman", "catatonit", "tini", "iproute2", "util-linux", "procps",
-    "debootstrap",
+    "debootstrap", "patchelf",
 )
 POLICY = Path("/usr/sbin/policy-rc.d")
 

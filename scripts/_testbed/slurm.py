@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import procs
 from .config import (
+    APPTAINER,
     CLUSTER_NAME,
     MANAGED_MARK,
     MYSQL_PORT,
@@ -252,6 +253,7 @@ def start_slurmd(i: int) -> None:
         f"mount --bind {nd}/tmp /tmp; "
         "mount -t tmpfs -o mode=1777,size=8g svt-shm /dev/shm; "
         f"mount --bind {nd}/etc-containers /etc/containers; "
+        f"mount --bind {APPTAINER}/node-bin /usr/local/sbin; "
         f"exec slurmd -D -N {node_name(i)}"
     )
     procs.spawn(f"slurmd-{node_name(i)}", [

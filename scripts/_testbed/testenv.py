@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CACHE, COMPILE_CACHE, MODEL, ROOT, ROOTFS_TAR, VENV
+from .config import APPTAINER, APPTAINER_IMAGE, CACHE, COMPILE_CACHE, MODEL, ROOT, ROOTFS_TAR, VENV
 from .procs import run
 
 SUPPORT = ROOT / "tests" / "support"
@@ -20,7 +20,8 @@ COMPAT = SUPPORT / "vllm_cpu_compat"
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 IMAGE_PACKAGES = (
     "libstdc++6,libgomp1,libnuma1,libssl3,libffi8,zlib1g,libbz2-1.0,liblzma5,libsqlite3-0,"
-    "libreadline8,libncursesw6,libuuid1,libgdbm6,libexpat1,libtirpc3,iproute2,procps,ca-certificates"
+    "libreadline8,libncursesw6,libuuid1,libgdbm6,libexpat1,libtirpc3,iproute2,procps,ca-certificates,"
+    "g++"   # torch.compile (vLLM's compiled path, needed for pipeline parallelism on CPU) builds C++
 )
 
 
@@ -126,7 +127,7 @@ def _debian_mirror() -> str:
 def ensure_image_rootfs() -> None:
     """A minimal Debian rootfs (debootstrap, no registry) as a tar for `docker/podman import`."""
     stamp = ROOTFS_TAR.parent / ".stamp"
-    if _stamped(stamp, IMAGE_PACKAGES) and ROOTFS_TAR.exists():
+    if _stamped(stamp, hashlib.sha256(IMAGE_PACKAGES.encode()).hexdigest()[:16]) and ROOTFS_TAR.exists():
         return
     t0 = time.monotonic()
     _log("building the container image rootfs (debootstrap, about 1-2 minutes, once)")
@@ -141,11 +142,78 @@ def ensure_image_rootfs() -> None:
     run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tmp), "."])
     tmp.rename(ROOTFS_TAR)
     shutil.rmtree(rootfs)
-    stamp.write_text(IMAGE_PACKAGES)
+    stamp.write_text(hashlib.sha256(IMAGE_PACKAGES.encode()).hexdigest()[:16])
     _log(f"image rootfs ready in {time.monotonic() - t0:.0f} s")
+
+
+def rootfs_digest() -> str:
+    """Names the image content: engines re-import the image when it changes."""
+    return (ROOTFS_TAR.parent / ".stamp").read_text().strip() if ROOTFS_TAR.exists() else ""
 
 
 def binds() -> list[str]:
     """host:container[:ro] binds an image needs to run the test virtualenv and model."""
     return [f"{VENV}:{VENV}:ro", f"{python_prefix()}:{python_prefix()}:ro",
             f"{MODEL.parent}:{MODEL.parent}:ro", f"{COMPILE_CACHE}:{COMPILE_CACHE}"]
+
+
+def ensure_apptainer_image() -> None:
+    """The test image as an Apptainer sandbox folder (same rootfs as the docker/podman image)."""
+    stamp = APPTAINER_IMAGE.parent / ".sandbox-stamp"
+    if _stamped(stamp, rootfs_digest()) and APPTAINER_IMAGE.is_dir():
+        return
+    if APPTAINER_IMAGE.exists():
+        shutil.rmtree(APPTAINER_IMAGE)
+    APPTAINER_IMAGE.mkdir(parents=True)
+    run(["tar", "-C", str(APPTAINER_IMAGE), "-xf", str(ROOTFS_TAR)])
+    stamp.write_text(rootfs_digest())
+
+
+APPTAINER_PACKAGES = ("apptainer", "libc6")
+
+
+def ensure_apptainer() -> None:
+    """Real Apptainer from Debian sid, unpacked into CACHE/apptainer and pointed at sid's libc.
+
+    Apptainer is not packaged for bookworm; sid's needs glibc >= 2.38. Both .debs are only
+    downloaded (a private apt root with sid's lists; nothing is installed on the host: a newer libc
+    on the host once broke a machine here), unpacked with dpkg-deb -x, and the two binaries
+    (apptainer, starter) get the unpacked loader as interpreter and its lib folder as rpath.
+    Apptainer is relocatable: it reads its config from <prefix>/usr/etc/apptainer.
+    """
+    binary = APPTAINER / "usr" / "bin" / "apptainer"
+    stamp = APPTAINER / ".stamp"
+    if _stamped(stamp, ",".join(APPTAINER_PACKAGES)) and binary.exists():
+        return
+    t0 = time.monotonic()
+    _log("unpacking Apptainer from Debian sid into a private prefix (download only)")
+    apt = CACHE / "apptainer-apt"
+    for sub in ("etc", "state/lists/partial", "cache/archives/partial", "debs"):
+        (apt / sub).mkdir(parents=True, exist_ok=True)
+    (apt / "etc" / "sources.list").write_text(
+        f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {_debian_mirror()} sid main\n")
+    opts = [f"-oDir::Etc={apt}/etc", f"-oDir::State={apt}/state", f"-oDir::Cache={apt}/cache",
+            "-oDir::State::status=/dev/null", "-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root"]
+    run(["apt-get", *opts, "update", "-qq"])
+    debs = apt / "debs"
+    for old in debs.glob("*.deb"):
+        old.unlink()
+    run(["apt-get", *opts, "download", *APPTAINER_PACKAGES], cwd=debs)
+    if APPTAINER.exists():
+        shutil.rmtree(APPTAINER)
+    APPTAINER.mkdir(parents=True)
+    for deb in sorted(debs.glob("*.deb")):
+        run(["dpkg-deb", "-x", str(deb), str(APPTAINER)])
+    lib = APPTAINER / "usr" / "lib" / "x86_64-linux-gnu"
+    for exe in (binary, lib / "apptainer" / "bin" / "starter"):
+        run(["patchelf", "--set-interpreter", str(lib / "ld-linux-x86-64.so.2"), "--set-rpath",
+             f"{lib}:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu", str(exe)])
+    shutil.copytree(APPTAINER / "etc" / "apptainer", APPTAINER / "usr" / "etc" / "apptainer")
+    (APPTAINER / "usr" / "lib" / "var" / "lib" / "apptainer" / "mnt" / "session").mkdir(parents=True)
+    # What the nodes see at /usr/local/sbin (on root's PATH): the site's apptainer.
+    node_bin = APPTAINER / "node-bin"
+    node_bin.mkdir()
+    (node_bin / "apptainer").symlink_to(binary)
+    run([str(binary), "--version"])
+    stamp.write_text(",".join(APPTAINER_PACKAGES))
+    _log(f"apptainer ready in {time.monotonic() - t0:.0f} s")

@@ -1,0 +1,97 @@
+"""Cross-node preflight: an all-reduce across the allocation's nodes, its bandwidth and NCCL's transport.
+
+Each rank runs SCRIPT with the container's Python before Ray and vLLM start: torch.distributed
+forms one process group over the nodes (NCCL when the container sees a GPU, else gloo), all-reduces
+a few sizes, checks the sums, and rank 0 writes the timings. The transport NCCL chose is read from
+its `NCCL_DEBUG=INFO` lines; InfiniBand requested (nccl.ib_hca) but sockets used is a failure:
+that is the silent 4-5x slowdown users otherwise find in production.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import ClusterError
+
+SIZES = (1 << 16, 1 << 20, 1 << 24)        # bytes per all-reduce: 64 KiB, 1 MiB, 16 MiB
+
+SCRIPT = """
+import datetime, json, os, sys, time
+import torch, torch.distributed as dist
+rank, world, addr, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+sizes = [int(s) for s in sys.argv[6].split(",")]
+cuda = torch.cuda.is_available()
+backend = "nccl" if cuda else "gloo"
+if cuda:
+    torch.cuda.set_device(0)
+dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=120))
+device = "cuda" if cuda else "cpu"
+rows = []
+for size in sizes:
+    x = torch.ones(size // 4, dtype=torch.float32, device=device)
+    for _ in range(2):
+        dist.all_reduce(x)
+    x.fill_(1.0)
+    iters = 5
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(x)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / iters
+    expected = float(world) ** iters
+    ok = bool(torch.allclose(x[:16].cpu(), torch.full((16,), expected)))
+    algbw = size / seconds / 1e9
+    rows.append({"bytes": size, "ms": seconds * 1e3, "algbw_GBps": algbw,
+                 "busbw_GBps": algbw * 2 * (world - 1) / world, "correct": ok})
+dist.barrier()
+if rank == 0:
+    json.dump({"backend": backend, "world_size": world, "rows": rows}, open(out, "w"))
+dist.destroy_process_group()
+print("preflight rank", rank, "done", flush=True)
+"""
+
+
+def transport(log_text: str) -> str | None:
+    """The network NCCL chose, from NCCL_DEBUG=INFO lines: 'IB', 'Socket', … or None if not said.
+
+    `NCCL INFO Using network IB` is decisive; else the channels' `via NET/IB/0/GDRDMA`. Lines like
+    `NET/IB : No device found.` or `NET/Socket : Using [0]eth0` (bootstrap) decide nothing alone.
+    """
+    chosen: list[str] = re.findall(r"NCCL INFO Using network (\w+)", log_text)
+    if chosen:
+        return chosen[-1]
+    via: list[str] = re.findall(r"via NET/(\w+)", log_text)
+    return via[-1] if via else None
+
+
+def verdict(result: dict[str, Any], nccl_log: str, ib_requested: bool) -> dict[str, Any]:
+    """Add the transport to RESULT; raise ClusterError when the run proves a problem."""
+    wrong = [r["bytes"] for r in result["rows"] if not r["correct"]]
+    if wrong:
+        raise ClusterError(f"preflight: all-reduce gave wrong sums for sizes {wrong} bytes")
+    if result["backend"] == "nccl":
+        used = transport(nccl_log)
+        result["transport"] = f"NET/{used}" if used else "unknown (set nccl.debug: INFO to see it)"
+        if ib_requested and used != "IB":
+            raise ClusterError(
+                f"preflight: nccl.ib_hca asks for InfiniBand but NCCL used {result['transport']}: the "
+                f"container lacks /dev/infiniband or the HCA name is wrong (see NCCL INFO lines in logs/)")
+    else:
+        result["transport"] = "gloo over TCP (no GPU visible: NCCL not tested)"
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"all-reduce across {result['world_size']} nodes, backend {result['backend']}, "
+             f"transport {result['transport']}",
+             f"{'size':>10} {'time ms':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}  ok"]
+    for r in result["rows"]:
+        size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MiB"
+        lines.append(f"{size:>10} {r['ms']:>10.3f} {r['algbw_GBps']:>11.3f} {r['busbw_GBps']:>11.3f}"
+                     f"  {'yes' if r['correct'] else 'NO'}")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""e2e on the test bed: real Apptainer, one network identity per node, NCCL settings, preflight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from .support.cli import chat, cli, expected, status
+from .test_serve_e2e import CONFIGS, cancel_and_check_clean, submit_wait
+
+pytestmark = pytest.mark.e2e
+
+
+def node_process_env(node: int, needle: str) -> dict[str, str]:
+    """The environment of the first process on NODE whose command line contains NEEDLE."""
+    pids = subprocess.run(["ip", "netns", "pids", f"svt-node{node}"], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if needle in cmd:
+                raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+        except OSError:
+            continue
+    raise AssertionError(f"no process running {needle!r} on node{node}")
+
+
+def derived_spec(tmp: Path, base: str, **changes: object) -> Path:
+    data = yaml.safe_load((CONFIGS / base).read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[section] = value
+    path = tmp / base
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_apptainer_main_path_with_env_file_and_nccl(testbed: dict[str, str]) -> None:
+    job, job_dir = submit_wait("test-apptainer-pp2.yaml")
+    try:
+        endpoint = json.loads(cli("endpoint", job, "--json").stdout)
+        key = Path(endpoint["api_key_file"]).read_text().strip()
+        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])   # binds in effect
+        head = json.loads((job_dir / "head.json").read_text())
+        vllm_env = node_process_env(int(head["host"][-1]), "vllm serve")
+        assert vllm_env["SLURM_VLLM_CHECK"] == "env file in effect"
+        assert vllm_env["NCCL_IB_HCA"] == "mlx5_0" and vllm_env["NCCL_DEBUG"] == "WARN"
+        assert vllm_env["VLLM_HOST_IP"] == head["ip"]
+        assert "VLLM_API_KEY" in vllm_env and key not in " ".join(vllm_env.get("_", ""))
+        nodes = json.loads((job_dir / "ray_nodes.json").read_text())
+        worker_ip = next(n["ip"] for n in nodes if n["ip"] != head["ip"])
+        raylet_env = node_process_env(int(worker_ip.rsplit(".", 1)[1]) - 10, "raylet")
+        assert raylet_env["NCCL_IB_HCA"] == "mlx5_0" and raylet_env["GLOO_SOCKET_IFNAME"] == "eth0"
+        assert "VLLM_API_KEY" not in raylet_env          # the key stays on the head
+        env_file = job_dir / "env" / "rank-0.env"
+        assert env_file.stat().st_mode & 0o777 == 0o600
+    finally:
+        cancel_and_check_clean(job)
+
+
+def test_second_interface_carries_ray_vllm_and_the_endpoint(testbed: dict[str, str], tmp_path: Path) -> None:
+    spec = derived_spec(tmp_path, "test-none-tp2.yaml", network={"interface": "eth1"}, preflight=True)
+    out = cli("submit", str(spec), "--wait", "--json", timeout=900)
+    job = json.loads(out.stdout.splitlines()[0])
+    assert out.returncode == 0, out.stderr
+    job_dir = Path(job["job_dir"])
+    try:
+        endpoint = json.loads(cli("endpoint", job["job_id"], "--json").stdout)
+        assert urlparse(endpoint["url"]).hostname.startswith("10.78.0.")
+        head = json.loads((job_dir / "head.json").read_text())
+        assert head["interface"] == "eth1" and head["ip"].startswith("10.78.0.")
+        ray_ips = [n["ip"] for n in json.loads((job_dir / "ray_nodes.json").read_text())]
+        assert len(ray_ips) == 2 and all(ip.startswith("10.78.0.") for ip in ray_ips), ray_ips
+        vllm_env = node_process_env(int(head["host"][-1]), "vllm serve")
+        assert vllm_env["VLLM_HOST_IP"] == head["ip"]
+        assert vllm_env["NCCL_SOCKET_IFNAME"] == vllm_env["GLOO_SOCKET_IFNAME"] == "eth1"
+        preflight = json.loads((job_dir / "preflight.json").read_text())      # ran before Ray
+        assert preflight["world_size"] == 2 and all(r["correct"] for r in preflight["rows"])
+        key = Path(endpoint["api_key_file"]).read_text().strip()
+        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+    finally:
+        cancel_and_check_clean(job["job_dir"])
+
+
+def test_wrong_interface_fails_fast_with_one_line(tmp_path: Path, testbed: dict[str, str]) -> None:
+    spec = derived_spec(tmp_path, "test-none-tp2.yaml", network={"interface": "ib9"})
+    t0 = time.monotonic()
+    out = cli("submit", str(spec), "--wait", "--json", timeout=300)
+    assert out.returncode == 1
+    assert time.monotonic() - t0 < 60
+    job = json.loads(out.stdout.splitlines()[0])
+    st = status(job["job_dir"])
+    assert st["stage"] == "FAILED"
+    assert "network.interface: ib9 has no IPv4 address on node" in st["detail"]
+    assert "eth1 10.78.0." in st["detail"] and "\n" not in st["detail"]
+
+
+def test_preflight_verb_in_apptainer_prints_bandwidth_table(testbed: dict[str, str]) -> None:
+    out = cli("preflight", str(CONFIGS / "test-apptainer-pp2.yaml"), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "all-reduce across 2 nodes, backend gloo" in out.stdout
+    lines = [line for line in out.stdout.splitlines() if line.strip().endswith("yes")]
+    assert len(lines) == 3 and all(float(line.split()[-2]) > 0 for line in lines)

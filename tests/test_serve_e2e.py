@@ -1,0 +1,125 @@
+"""e2e on the test bed: one YAML → a multi-node vLLM endpoint (real Slurm, Ray, vLLM, containers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from .support.cli import chat, cli, expected, status, wait_stage
+from .support.testbed import leftovers
+
+pytestmark = pytest.mark.e2e
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def cancel_and_check_clean(job: str, nodes: int = 2, within: float = 30) -> None:
+    """`cancel` → within WITHIN s no vLLM/Ray/container of the job on any node, stage CANCELLED."""
+    t0 = time.monotonic()
+    out = cli("cancel", job)
+    assert out.returncode == 0, out.stderr
+    left = leftovers(nodes)
+    while left and time.monotonic() - t0 < within:
+        time.sleep(0.5)
+        left = leftovers(nodes)
+    assert left == [], f"still running {within:.0f} s after cancel: {left}"
+    deadline = time.monotonic() + 30
+    while status(job)["stage"] != "CANCELLED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status(job)["stage"] == "CANCELLED"
+
+
+def submit_wait(config: str) -> tuple[str, Path]:
+    out = cli("submit", str(CONFIGS / config), "--wait", "--json", timeout=900)
+    first = out.stdout.splitlines()[0] if out.stdout else "{}"
+    job = json.loads(first)
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + logs(job.get("job_dir", ""))
+    return job["job_id"], Path(job["job_dir"])
+
+
+def first_node_ip(job: str) -> str:
+    nodelist = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    return socket.gethostbyname(first)
+
+
+def logs(job_dir: str) -> str:
+    return cli("logs", job_dir, "-n", "30").stdout if job_dir else ""
+
+
+def test_docker_pipeline_parallel_endpoint(testbed: dict[str, str]) -> None:
+    job, job_dir = submit_wait("test-docker-pp2.yaml")
+    try:
+        out = cli("endpoint", str(job_dir), "--json")
+        endpoint = json.loads(out.stdout)
+        assert set(endpoint) == {"url", "model", "api_key_file"}
+        assert urlparse(endpoint["url"]).hostname == first_node_ip(job)    # the allocation's first node
+        key_file = Path(endpoint["api_key_file"])
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+        import openai
+        with pytest.raises(openai.AuthenticationError):
+            chat(endpoint, None)
+        plan = json.loads((job_dir / "plan.json").read_text())
+        assert (plan["tp"], plan["pp"]) == (1, 2)
+        # the key never reaches a script or a command line
+        assert key not in (job_dir / "job.sbatch").read_text()
+        cmdlines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()]
+        assert not any(key.encode() in c for c in cmdlines)
+    finally:
+        cancel_and_check_clean(job)
+
+
+def test_podman_tensor_parallel_across_nodes(testbed: dict[str, str]) -> None:
+    job, job_dir = submit_wait("test-podman-tp2.yaml")
+    try:
+        endpoint = json.loads(cli("endpoint", job, "--json", "--jobs-root",
+                                  testbed["SLURM_VLLM_TEST_JOBS_ROOT"]).stdout)
+        key = Path(endpoint["api_key_file"]).read_text().strip()
+        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+        head = json.loads((job_dir / "head.json").read_text())
+        assert head["ip"] == first_node_ip(job) and head["interface"] == "eth0"
+    finally:
+        cancel_and_check_clean(job)
+
+
+def test_rendered_script_with_plain_sbatch(testbed: dict[str, str], job_dir: Path) -> None:
+    script = job_dir / "serve.sbatch"
+    out = cli("render", str(CONFIGS / "test-none-tp2.yaml"), "-o", str(script))
+    assert out.returncode == 0, out.stderr
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], cwd=job_dir, capture_output=True,
+                         text=True, env={**os.environ}, check=True)
+    job = sub.stdout.strip().split(";")[0]
+    folder = Path(testbed["SLURM_VLLM_TEST_JOBS_ROOT"]) / f"test-none-tp2-{job}"
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder / "plan.json").exists():
+            assert time.monotonic() < deadline, f"the job folder {folder} never appeared"
+            time.sleep(0.5)
+        wait_stage(str(folder), ("READY",), 600)
+        endpoint = json.loads(cli("endpoint", str(folder), "--json").stdout)
+        key = Path(endpoint["api_key_file"]).read_text().strip()
+        assert key not in script.read_text()
+        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+    finally:
+        if (folder / "plan.json").exists():
+            cancel_and_check_clean(str(folder))
+        else:
+            subprocess.run(["scancel", job], check=False)
+
+
+def test_cancel_while_loading_leaves_nothing(testbed: dict[str, str]) -> None:
+    out = cli("submit", str(CONFIGS / "test-docker-pp2.yaml"), "--json")
+    assert out.returncode == 0, out.stderr
+    job_dir = json.loads(out.stdout)["job_dir"]
+    wait_stage(job_dir, ("LOADING",), 300)
+    cancel_and_check_clean(job_dir)
