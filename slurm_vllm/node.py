@@ -196,6 +196,16 @@ class Rank:
                 env["VLLM_API_KEY"] = read_secret(self.jd.api_key)
         return env
 
+    def setup(self, ident: Identity) -> Ports | None:
+        """This rank's ports and runtime, then the preflight if asked; None: the job was only that."""
+        ports = self.choose_ports()
+        self.runtime = self.make_runtime(ident, ports)
+        if self.wants_preflight:
+            self.preflight(ident, ports)
+            if self.plan.mode == "preflight":
+                return None
+        return ports
+
     @property
     def wants_preflight(self) -> bool:
         return self.plan.mode == "preflight" or self.plan.preflight
@@ -271,6 +281,9 @@ class Rank:
         self.children.append(child)
         return child
 
+    def run(self) -> None:
+        raise NotImplementedError
+
     # -- teardown ------------------------------------------------------------------------------
 
     def teardown(self) -> None:
@@ -289,12 +302,10 @@ class Head(Rank):
         hosts = self.hosts
         ident = identity(hosts[0], self.spec.network.interface)
         self.jd.write_stage("STARTING", f"{len(hosts)} nodes: {','.join(hosts)}")
-        ports = self.choose_ports()
-        self.runtime = self.make_runtime(ident, ports)
-        if self.wants_preflight:
-            self.preflight(ident, ports)
-            if self.plan.mode == "preflight":
-                return
+        ports = self.setup(ident)
+        if ports is None:
+            return
+        assert self.runtime is not None
         self.spawn("ray-head", self.runtime.start(ray_argv(self.plan, ports, ident.ip, None, self.cpus)))
         self.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
                       lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
@@ -394,12 +405,10 @@ class Worker(Rank):
         self.wait_for(f"the head ({first.name})", lambda: self.published(first), self.plan.ready_timeout)
         head_ip = str(self.jd.read_json(first)["ip"])
         ident = identity(self.hosts[0], self.spec.network.interface, head_ip=head_ip)
-        ports = self.choose_ports()
-        self.runtime = self.make_runtime(ident, ports)
-        if self.wants_preflight:
-            self.preflight(ident, ports)
-            if self.plan.mode == "preflight":
-                return
+        ports = self.setup(ident)
+        if ports is None:
+            return
+        assert self.runtime is not None
         self.wait_for("the Ray head (head.json)", self.head_ready, self.plan.ready_timeout)
         head = self.jd.read_json(self.jd.head)
         address = f"{head['ip']}:{head['gcs_port']}"
@@ -421,14 +430,20 @@ class Worker(Rank):
 def main(job_dir: str) -> int:
     """Run this task's rank; return its exit code (0: stopped on purpose or finished)."""
     jd = JobDir(Path(job_dir))
-    rank: Rank = (Head if int(os.environ.get("SLURM_PROCID", "0")) == 0 else Worker)(jd)
+    is_head = int(os.environ.get("SLURM_PROCID", "0")) == 0
+    try:
+        rank: Rank = (Head if is_head else Worker)(jd)
+    except Exception as exc:      # an unreadable job folder: say so where the CLI looks
+        if is_head:
+            jd.write_stage("FAILED", f"{socket.gethostname()}: cannot start: {type(exc).__name__}: {exc}")
+        raise
     rank.install_signals()
     code = 0
-    final, detail = "DONE", ""
+    final, detail = "DONE", ""    # DONE: the rank's work ended by itself (preflight, a worker told so)
     try:
-        rank.run()  # type: ignore[attr-defined]
-    except Stopped as exc:
-        final = str(exc)
+        rank.run()
+    except Stopped:
+        final = rank.stop_reason or "CANCELLED"
     except SlurmVllmError as exc:
         final, detail, code = "FAILED", str(exc), 1
     except Exception as exc:  # a bug: still tear down and say what happened
@@ -436,9 +451,7 @@ def main(job_dir: str) -> int:
         raise
     finally:
         if rank.rank == 0:
-            jd.done.touch()
-            if final not in ("FAILED",) and rank.stop_reason == "" and final != "DONE":
-                final = "CANCELLED"
+            jd.done.touch()       # workers stop when they see it
             failed = sorted(jd.path.glob("rank-*.failed"))
             if failed and final != "FAILED":
                 final, detail = "FAILED", f"{failed[0].stem}: {failed[0].read_text().strip()}"
@@ -446,7 +459,7 @@ def main(job_dir: str) -> int:
             (jd.path / f"rank-{rank.rank}.failed").write_text(f"{socket.gethostname()}: {detail}\n")
         rank.teardown()
         if rank.rank == 0:
-            jd.write_stage(final if final in FINAL else "CANCELLED", detail)
+            jd.write_stage(final, detail)
     return code
 
 

@@ -1,0 +1,51 @@
+"""Benchmark: peak memory (summed RSS) of everything running on the test-bed nodes while a command runs.
+
+Samples every 0.5 s the processes inside each node's network namespace (Slurm's own daemons
+excluded), and prints the peak total and per node. Usage (root, test bed up):
+    python benchmarks/node_memory.py -- pytest tests/test_testbed_e2e.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+
+DAEMONS = {"slurmd", "dockerd", "containerd"}
+
+
+def node_rss(nodes: int) -> dict[str, int]:
+    out = {}
+    for i in range(1, nodes + 1):
+        pids = subprocess.run(["ip", "netns", "pids", f"svt-node{i}"], capture_output=True, text=True).stdout
+        total = 0
+        for pid in pids.split():
+            try:
+                p = psutil.Process(int(pid))
+                if p.name() not in DAEMONS:
+                    total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        out[f"node{i}"] = total
+    return out
+
+
+def main() -> None:
+    argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    child = subprocess.Popen(argv)
+    peak_total, peak_nodes = 0, {}
+    while child.poll() is None:
+        sample = node_rss(3)
+        if sum(sample.values()) > peak_total:
+            peak_total, peak_nodes = sum(sample.values()), sample
+        time.sleep(0.5)
+    mib = 1 << 20
+    print(f"peak RSS on the nodes: {peak_total / mib:.0f} MiB "
+          f"({', '.join(f'{k} {v / mib:.0f} MiB' for k, v in peak_nodes.items())}); command exit {child.returncode}")
+    sys.exit(child.returncode)
+
+
+if __name__ == "__main__":
+    main()
