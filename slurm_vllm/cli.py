@@ -70,7 +70,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
               f"  cancel: python -m slurm_vllm cancel {jd.path}   (or scancel {job_id})")
     if args.wait:
         sys.stdout.flush()
-        return _wait(jd, job_id, out=sys.stderr if args.json else sys.stdout)
+        return _wait(jd, out=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -83,7 +83,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     spec, plan = _load(args.spec)
     job_id, jd = submit(spec, replace(plan, mode="preflight"))
     print(f"preflight job {job_id}: all-reduce across {plan.nodes} nodes, folder {jd.path}", file=sys.stderr)
-    code = _wait(jd, job_id, out=sys.stderr, serving=False)
+    code = _wait(jd, out=sys.stderr, serving=False)
     if code == 0:
         result = jd.read_json(jd.preflight)
         print(json.dumps(result) if args.json else table(result))
@@ -109,7 +109,7 @@ def _status(jd: JobDir) -> dict[str, object]:
             "slurm_state": slurm_state}
 
 
-def _wait(jd: JobDir, job_id: str, out: TextIO, serving: bool = True) -> int:
+def _wait(jd: JobDir, out: TextIO, serving: bool = True) -> int:
     """Show each new stage on OUT until READY (0) or a final stage (1; DONE is 0 when not SERVING)."""
     last = ""
     delay = 0.2

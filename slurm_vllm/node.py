@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -162,9 +163,8 @@ class Rank:
                 raise ClusterError(f"{child.name} exited (code {child.returncode()}) on "
                                    f"{socket.gethostname()}: {child.tail(8)}")
 
-    def wait_for(self, what: str, fact: object, timeout: float) -> None:
+    def wait_for(self, what: str, fact: Callable[[], bool], timeout: float) -> None:
         """Poll FACT() until true; fail at once if a child died or a stop came; fail at TIMEOUT."""
-        assert callable(fact)
         deadline = self.started + timeout
         while True:
             self.check()
@@ -189,7 +189,11 @@ class Rank:
             "NCCL_SOCKET_IFNAME": ident.interface,
         })
         for key, path in self.spec.secret_env.items():
-            env[key] = read_secret(Path(os.path.expandvars(path)).expanduser())
+            try:
+                env[key] = read_secret(Path(os.path.expandvars(path)).expanduser())
+            except OSError as exc:
+                raise ClusterError(f"secret_env.{key}: cannot read {path} on {socket.gethostname()}: "
+                                   f"{exc.strerror}") from exc
         if self.rank == 0:
             env["RAY_ADDRESS"] = f"{ident.ip}:{ports.gcs}"   # vllm serve joins this Ray, never its own
             if self.plan.api_key:

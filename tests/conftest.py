@@ -20,6 +20,9 @@ def testbed() -> dict[str, str]:
         pytest.fail(f"the test bed is not healthy (run: scripts/testbed up)\n{status.stdout}", pytrace=False)
     values = testbed_env()
     os.environ.update(values)
+    # Jobs inherit the submitter's PATH; the nodes' Apptainer sits in /usr/local/sbin (root's PATH).
+    if "/usr/local/sbin" not in os.environ["PATH"].split(":"):
+        os.environ["PATH"] = "/usr/local/sbin:" + os.environ["PATH"]
     return values
 
 
