@@ -82,18 +82,14 @@ def ensure_venv() -> None:
     if not _stamped(compat_stamp, _digest(COMPAT)):
         run([*pip, "--force-reinstall", "--no-deps", str(COMPAT)])
         compat_stamp.write_text(_digest(COMPAT))
-    # The project itself, editable, from this checkout (a re-point when another checkout ran `up`).
+    # The project itself, installed (not editable) from this checkout whenever its sources change:
+    # the nodes must see it, and a checkout may sit where they cannot (each node has its own /tmp).
     project_stamp = VENV / ".testbed-project"
-    if not _stamped(project_stamp, str(ROOT)) or not _project_importable():
-        run([*pip, "--no-deps", "-e", str(ROOT)])
-        project_stamp.write_text(str(ROOT))
+    digest = _digest(ROOT / "slurm_vllm", ROOT / "sbatch_templates", ROOT / "pyproject.toml")
+    if not _stamped(project_stamp, digest):
+        run([*pip, "--no-deps", "--force-reinstall", str(ROOT)])
+        project_stamp.write_text(digest)
     COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
-
-
-def _project_importable() -> bool:
-    probe = run([str(VENV / "bin" / "python"), "-c", "import slurm_vllm, sys; print(slurm_vllm.__file__)"],
-                check=False, cwd="/")
-    return probe.returncode == 0 and probe.stdout.strip().startswith(str(ROOT))
 
 
 def ensure_model() -> None:
