@@ -12,9 +12,8 @@ from typing import Any
 
 from .errors import SlurmVllmError
 
-# Stages a job goes through; the last four are final.
-STAGES = ("PENDING", "STARTING", "PREFLIGHT", "RAY_HEAD", "RAY_JOINED", "LOADING", "READY",
-          "DONE", "FAILED", "CANCELLED", "TIMEOUT")
+# A job's stages, in order: PENDING, STARTING, PREFLIGHT (if asked), RAY_HEAD, RAY_JOINED k/N,
+# LOADING, READY; then one of the final ones.
 FINAL = ("DONE", "FAILED", "CANCELLED", "TIMEOUT")
 
 
