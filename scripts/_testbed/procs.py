@@ -39,13 +39,17 @@ def run(argv: Sequence[str], check: bool = True, **kw: object) -> subprocess.Com
 
 
 def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
-    """Start a long-running daemon in its own session, log to log/NAME.log, record its PID."""
+    """Start a long-running daemon in its own session, log to log/NAME.log, record its PID.
+
+    Its working directory is /: a daemon must not keep the caller's folder (a checkout under
+    /tmp does not exist inside the nodes, whose /tmp is their own, and slurmstepd then fails to
+    return to it)."""
     PIDS.mkdir(parents=True, exist_ok=True)
     LOGS.mkdir(parents=True, exist_ok=True)
     with open(LOGS / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, env=env,
+            start_new_session=True, env=env, cwd="/",
         )
     start = None
     for _ in range(100):
