@@ -291,8 +291,7 @@ class Rank:
     # -- teardown ------------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        for child in reversed(self.children):
-            child.terminate(timeout=10)
+        proc.terminate_all(self.children, timeout=10)
         if self.runtime is not None:
             remove = self.runtime.remove(("", "-preflight"))
             if remove:

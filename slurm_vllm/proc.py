@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -67,18 +68,20 @@ class Child:
 
     def terminate(self, timeout: float = 15) -> None:
         """SIGTERM the child's process group, SIGKILL it after TIMEOUT; reap the child."""
-        if self.popen.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.popen.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        terminate_all([self], timeout)
+
+
+def terminate_all(children: Sequence[Child], timeout: float = 10) -> None:
+    """SIGTERM every child's process group at once, SIGKILL what is left after TIMEOUT, reap them:
+    one grace period for all, not one each."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        running = [c for c in children if c.popen.poll() is None]
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.popen.pid, sig)
+        deadline = time.monotonic() + wait
+        while any(c.popen.poll() is None for c in running) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def spawn(name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> Child:
