@@ -13,8 +13,7 @@ from typing import TextIO
 from . import __version__
 from .errors import SlurmVllmError
 from .jobdir import FINAL, JobDir, find
-
-DEFAULT_JOBS_ROOT = "~/.slurm_vllm/jobs"
+from .spec import DEFAULT_JOBS_ROOT
 
 
 def _jobs_root(args: argparse.Namespace) -> Path:

@@ -426,8 +426,10 @@ class Worker(Rank):
         return path.exists()
 
     def head_ready(self) -> bool:
-        return self.published(self.jd.head) and port_open(
-            str(self.jd.read_json(self.jd.head)["ip"]), int(self.jd.read_json(self.jd.head)["gcs_port"]))
+        if not self.published(self.jd.head):
+            return False
+        head = self.jd.read_json(self.jd.head)
+        return port_open(str(head["ip"]), int(head["gcs_port"]))
 
 
 def main(job_dir: str) -> int:

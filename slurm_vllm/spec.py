@@ -17,7 +17,7 @@ from .errors import SpecError
 
 Auto = Literal["auto"]
 Scalar = Union[str, int, float, bool]  # noqa: UP007  (a runtime alias used by the loader)
-RUNTIMES = ("apptainer", "docker", "podman", "none")
+DEFAULT_JOBS_ROOT = "~/.slurm_vllm/jobs"
 # Keys of `env` that look like secrets: refused there (they would land in scripts and logs).
 SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY)", re.I)
 
@@ -124,7 +124,7 @@ class JobSpec:
     secret_env: dict[str, str] = field(default_factory=dict)
     vllm: VllmSpec = field(default_factory=VllmSpec)
     ray: RaySpec = field(default_factory=RaySpec)
-    jobs_root: str = "~/.slurm_vllm/jobs"
+    jobs_root: str = DEFAULT_JOBS_ROOT
     ready_timeout: int = 1800
     preflight: bool = False
 
