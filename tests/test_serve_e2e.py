@@ -11,9 +11,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import yaml
 
 from .support.cli import chat, cli, expected, status, wait_stage
-from .support.testbed import leftovers
+from .support.testbed import leftovers, vllm_workers_by_node
 
 pytestmark = pytest.mark.e2e
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,11 +45,24 @@ def submit_wait(config: str) -> tuple[str, Path]:
 
 
 def first_node_ip(job: str) -> str:
+    return socket.gethostbyname(allocation(job)[0])
+
+
+def allocation(job: str) -> list[str]:
+    """The job's nodes, from Slurm (squeue's node list, expanded by scontrol)."""
     nodelist = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True,
                               check=True).stdout.strip()
-    first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                           check=True).stdout.split()[0]
-    return socket.gethostbyname(first)
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def assert_vllm_workers_on(job: str, per_node: int = 1) -> None:
+    """vLLM runs PER_NODE worker processes on every node of JOB's allocation, and none elsewhere
+    (a TP or PP group over 2 nodes cannot pass with both workers on one of them)."""
+    nodes = allocation(job)
+    counts = vllm_workers_by_node(int(os.environ["SLURM_VLLM_TESTBED_NODES"]))
+    want = {n: per_node if n in nodes else 0 for n in counts}
+    assert counts == want, f"vLLM workers per node {counts}, expected {want} (job {job} on {nodes})"
 
 
 def logs(job_dir: str) -> str:
@@ -71,6 +85,7 @@ def test_docker_pipeline_parallel_endpoint(testbed: dict[str, str]) -> None:
             chat(endpoint, None)
         plan = json.loads((job_dir / "plan.json").read_text())
         assert (plan["tp"], plan["pp"]) == (1, 2)
+        assert_vllm_workers_on(job)                     # one pipeline stage on each node
         # the key never reaches a script or a command line
         assert key not in (job_dir / "job.sbatch").read_text()
         cmdlines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()]
@@ -88,6 +103,7 @@ def test_podman_tensor_parallel_across_nodes(testbed: dict[str, str]) -> None:
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
         head = json.loads((job_dir / "head.json").read_text())
         assert head["ip"] == first_node_ip(job) and head["interface"] == "eth0"
+        assert_vllm_workers_on(job)                     # one tensor-parallel rank on each node
     finally:
         cancel_and_check_clean(job)
 
@@ -110,6 +126,7 @@ def test_rendered_script_with_plain_sbatch(testbed: dict[str, str], job_dir: Pat
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert key not in script.read_text()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+        assert_vllm_workers_on(job)
     finally:
         if (folder / "plan.json").exists():
             cancel_and_check_clean(str(folder))
@@ -123,3 +140,26 @@ def test_cancel_while_loading_leaves_nothing(testbed: dict[str, str]) -> None:
     job_dir = json.loads(out.stdout)["job_dir"]
     wait_stage(job_dir, ("LOADING",), 300)
     cancel_and_check_clean(job_dir)
+
+
+def test_tensor_parallel_within_one_node(testbed: dict[str, str], tmp_path: Path) -> None:
+    """TP2 over the 2 GPUs of one node: both workers on that node (the placement check tells this
+    apart from TP2 over 2 nodes); on AVX-512 hosts vLLM's shared-memory communicator carries it."""
+    data = yaml.safe_load((CONFIGS / "test-none-tp2.yaml").read_text())
+    data["name"] = "test-none-tp2-1node"
+    data["slurm"].update(nodes=1, gpus_per_node=2)
+    spec = tmp_path / "one-node.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    out = cli("submit", str(spec), "--wait", "--json", timeout=900)
+    job = json.loads(out.stdout.splitlines()[0])
+    try:
+        assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + logs(job["job_dir"])
+        nodes = allocation(job["job_id"])
+        assert len(nodes) == 1
+        counts = vllm_workers_by_node(int(os.environ["SLURM_VLLM_TESTBED_NODES"]))
+        assert counts[nodes[0]] == 2 and sum(counts.values()) == 2, counts
+        endpoint = json.loads(cli("endpoint", job["job_id"], "--json").stdout)
+        key = Path(endpoint["api_key_file"]).read_text().strip()
+        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+    finally:
+        cancel_and_check_clean(job["job_dir"], nodes=int(os.environ["SLURM_VLLM_TESTBED_NODES"]))

@@ -176,6 +176,7 @@ def status() -> int:
               f"dockerd pid {procs.pid_of(f'dockerd-{n}')}")
     for name in ("munged", "mariadb", "slurmdbd", "slurmctld"):
         print(f"  {name:10} pid {procs.pid_of(name)}")
+    print(testenv.machine_line())
     left = problems(shape)
     for p in left:
         print(f"problem: {p}")

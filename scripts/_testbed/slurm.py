@@ -240,12 +240,17 @@ def start_slurmd(i: int) -> None:
     Inside the node: hostname nodeI, a private /run (own docker socket, own podman run root),
     /tmp (own Ray temp dir) and /dev/shm (vLLM tells nodes apart by shared memory: with one
     /dev/shm for all, ranks on two nodes believe they share one and wait forever on each other's
-    IPC sockets), and the node's own /etc/containers.
+    IPC sockets), the node's own /etc/containers, and an /etc/resolv.conf that fails at once.
+    The host's name server is out of the nodes' reach: each reverse lookup (torch's TCPStore does
+    one per connection) waited 2 x 5 s for it, which added 10-20 s to every vLLM start. Names
+    come from /etc/hosts, as before; a cluster's working DNS answers such lookups as fast.
     """
     nd = node_dir(i)
     for sub in ("tmp", "etc-containers"):
         (nd / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(nd / "tmp", 0o1777)
+    (nd / "resolv.conf").write_text("# test-bed node: no name server (names come from /etc/hosts)\n"
+                                    "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
     setup = (
         f"set -e; hostname {node_name(i)}; "
         "mount -t tmpfs -o mode=755 svt-run /run; mkdir -p /run/lock /run/user; "
@@ -254,6 +259,7 @@ def start_slurmd(i: int) -> None:
         "mount -t tmpfs -o mode=1777,size=8g svt-shm /dev/shm; "
         f"mount --bind {nd}/etc-containers /etc/containers; "
         f"mount --bind {APPTAINER}/node-bin /usr/local/sbin; "
+        f"if [ -f /etc/resolv.conf ]; then mount --bind {nd}/resolv.conf /etc/resolv.conf; fi; "
         f"exec slurmd -D -N {node_name(i)}"
     )
     procs.spawn(f"slurmd-{node_name(i)}", [

