@@ -5,7 +5,7 @@ stage.log (every stage with its time), cancels, and prints one row. `--single` a
 single-node `vllm serve` of the same tiny model on node1 (its own sbatch job) for comparison.
 
 Usage (test bed up, `eval "$(scripts/testbed env)"`):
-    $SLURM_VLLM_TEST_VENV/bin/python benchmarks/startup.py [--single] [configs/X.yaml ...]
+    $SLURM_VLLM_TEST_VENV/bin/python benchmarks/startup.py [--single] [tests/configs/X.yaml ...]
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ["configs/test-none-tp2.yaml", "configs/test-podman-tp2.yaml", "configs/test-docker-pp2.yaml"]
+DEFAULT = ["tests/configs/test-none-tp2.yaml", "tests/configs/test-podman-tp2.yaml",
+           "tests/configs/test-docker-pp2.yaml"]
 
 
 def stages(job_dir: Path) -> dict[str, float]:

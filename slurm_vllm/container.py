@@ -43,13 +43,14 @@ class Runtime:
             cmd += ["--device", "/dev/infiniband", "--ulimit", "memlock=-1", "--cap-add", "IPC_LOCK"]
         return [*cmd, *c.options, c.image, *argv]
 
-    def exec(self, argv: list[str]) -> list[str]:
-        """The argv that runs ARGV beside the main program (same container, same network, same /tmp)."""
+    def exec(self, argv: list[str], env_file: Path | None = None) -> list[str]:
+        """The argv that runs ARGV beside the main program (same container, same network, same /tmp),
+        with ENV_FILE instead of the rank's env file if given."""
         if self.spec.runtime == "none":
             return argv
         if self.spec.runtime == "apptainer":
-            return self._apptainer(argv)
-        return [self.spec.runtime, "exec", "--env-file", str(self.env_file), self.name, *argv]
+            return self._apptainer(argv, env_file)
+        return [self.spec.runtime, "exec", "--env-file", str(env_file or self.env_file), self.name, *argv]
 
     def remove(self, suffixes: tuple[str, ...] = ("",)) -> list[str] | None:
         """The argv that removes the rank's containers (and everything in them), if there are any."""
@@ -67,9 +68,9 @@ class Runtime:
             return ["--gpus", f'"device={",".join(self.visible_gpus)}"']
         return [f"--device=nvidia.com/gpu={g}" for g in self.visible_gpus]
 
-    def _apptainer(self, argv: list[str]) -> list[str]:
+    def _apptainer(self, argv: list[str], env_file: Path | None = None) -> list[str]:
         assert self.spec.image is not None
-        cmd = ["apptainer", "exec", "--env-file", str(self.env_file)]
+        cmd = ["apptainer", "exec", "--env-file", str(env_file or self.env_file)]
         if self.spec.gpus and self.visible_gpus:
             cmd.append("--nv")
         for bind in self.binds:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .api import Status
+
 
 class SlurmVllmError(Exception):
     """Base of every error slurm_vllm raises on purpose; the CLI prints it as one line."""
@@ -31,3 +36,19 @@ class ClusterError(SlurmVllmError):
 
 class ServeError(SlurmVllmError):
     """vLLM did not become ready or failed while serving."""
+
+
+class JobFolderError(SlurmVllmError):
+    """A file of the job folder is missing, unreadable, malformed or not slurm_vllm's."""
+
+
+class JobEnded(SlurmVllmError):
+    """A wait ended because the job did: FAILED, CANCELLED, TIMEOUT, or DONE before the stage waited for."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(f"job {status.job_id}: {status}")
+        self.status = status
+
+
+class WaitTimeout(SlurmVllmError):
+    """A wait ran out of time; the job itself goes on."""

@@ -1,20 +1,18 @@
-"""The job folder on the shared file system: layout, atomic writes, 0600 secrets, the stage."""
+"""The job folder on the shared file system: its layout, atomic typed writes, 0600 secrets, the stage."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from .errors import SlurmVllmError
+from .records import Record, Stage, StageInfo
 
-# A job's stages, in order: PENDING, STARTING, PREFLIGHT (if asked), RAY_HEAD, RAY_JOINED k/N,
-# LOADING, READY; then one of the final ones.
-FINAL = ("DONE", "FAILED", "CANCELLED", "TIMEOUT")
+R = TypeVar("R", bound=Record)
 
 
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -31,71 +29,118 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 @dataclass(frozen=True)
-class Stage:
-    stage: str
-    detail: str = ""
-    time: float = 0.0
-
-    def __str__(self) -> str:
-        return f"{self.stage}{': ' + self.detail if self.detail else ''}"
-
-
-@dataclass(frozen=True)
 class JobDir:
-    """Paths of one job's folder; every rank and the CLI agree on them."""
+    """Paths of one job's folder, and its typed files; every rank and the login node agree on them."""
 
     path: Path
 
-    spec = property(lambda self: self.path / "spec.yaml")
-    plan = property(lambda self: self.path / "plan.json")
-    sbatch = property(lambda self: self.path / "job.sbatch")
-    job_id_file = property(lambda self: self.path / "job_id")
-    stage_file = property(lambda self: self.path / "stage")
-    stage_log = property(lambda self: self.path / "stage.log")
-    head = property(lambda self: self.path / "head.json")
-    endpoint = property(lambda self: self.path / "endpoint.json")
-    api_key = property(lambda self: self.path / "api_key")
-    ray_token = property(lambda self: self.path / "ray_token")
-    env_dir = property(lambda self: self.path / "env")
-    logs = property(lambda self: self.path / "logs")
-    submitit = property(lambda self: self.path / "submitit")
-    done = property(lambda self: self.path / "done")
-    preflight = property(lambda self: self.path / "preflight.json")
-    preflight_addr = property(lambda self: self.path / "preflight-addr.json")
+    @property
+    def spec(self) -> Path:
+        return self.path / "spec.yaml"
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def sbatch(self) -> Path:
+        return self.path / "job.sbatch"
+
+    @property
+    def job_id_file(self) -> Path:
+        return self.path / "job_id"
+
+    @property
+    def stage_file(self) -> Path:
+        return self.path / "stage"
+
+    @property
+    def stage_log(self) -> Path:
+        return self.path / "stage.log"
+
+    @property
+    def head(self) -> Path:
+        return self.path / "head.json"
+
+    @property
+    def endpoint(self) -> Path:
+        return self.path / "endpoint.json"
+
+    @property
+    def api_key(self) -> Path:
+        return self.path / "api_key"
+
+    @property
+    def ray_token(self) -> Path:
+        return self.path / "ray_token"
+
+    @property
+    def env_dir(self) -> Path:
+        return self.path / "env"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def done(self) -> Path:
+        return self.path / "done"
+
+    @property
+    def ray_nodes(self) -> Path:
+        return self.path / "ray_nodes.json"
+
+    @property
+    def preflight(self) -> Path:
+        return self.path / "preflight.json"
+
+    @property
+    def preflight_addr(self) -> Path:
+        return self.path / "preflight-addr.json"
 
     def rank_log(self, role: str, rank: int) -> Path:
-        return self.path / "logs" / f"{role}-{rank}.log"
+        return self.logs / f"{role}-{rank}.log"
+
+    def rank_failed(self, rank: int) -> Path:
+        return self.path / f"rank-{rank}.failed"
+
+    def failed_ranks(self) -> list[Path]:
+        return sorted(self.path.glob("rank-*.failed"))
 
     def create(self, spec_yaml: str, plan_json: str, api_key: bool) -> None:
         """Make the folder with the resolved spec, the plan and fresh per-job secrets (0600)."""
         self.path.mkdir(parents=True, exist_ok=False)
-        for sub in (self.env_dir, self.logs, self.submitit):
+        for sub in (self.env_dir, self.logs):
             sub.mkdir(mode=0o700)
         atomic_write(self.spec, spec_yaml)
         atomic_write(self.plan, plan_json)
         write_secret(self.ray_token, secrets.token_hex(32))
         if api_key:
             write_secret(self.api_key, "sk-" + secrets.token_urlsafe(32))
-        self.write_stage("PENDING")
+        self.write_stage(Stage.PENDING)
 
-    def write_json(self, path: Path, data: Any) -> None:
-        atomic_write(path, json.dumps(data, indent=1) + "\n")
+    def write(self, path: Path, record: Record) -> None:
+        """RECORD as PATH's typed JSON, atomically."""
+        atomic_write(path, record.to_json())
 
-    def read_json(self, path: Path) -> Any:
-        return json.loads(path.read_text())
+    def read(self, path: Path, kind: type[R]) -> R:
+        """PATH as a KIND record; JobFolderError (one line) if missing, malformed or foreign."""
+        return kind.read(path)
 
-    def write_stage(self, stage: str, detail: str = "") -> None:
+    def write_stage(self, stage: Stage, detail: str = "") -> None:
         now = time.time()
-        self.write_json(self.stage_file, {"stage": stage, "detail": detail, "time": now})
+        self.write(self.stage_file, StageInfo(stage, detail, now))
         with open(self.stage_log, "a") as log:
-            log.write(f"{now:.3f} {stage}{' ' + detail if detail else ''}\n")
+            log.write(f"{now:.3f} {stage.value}{' ' + detail if detail else ''}\n")
 
-    def read_stage(self) -> Stage:
-        try:
-            data = self.read_json(self.stage_file)
-        except (OSError, ValueError):
-            return Stage("PENDING")
-        return Stage(data["stage"], data.get("detail", ""), data.get("time", 0.0))
+    def read_stage(self) -> StageInfo:
+        """The current stage; PENDING before the first write (the job has not started yet)."""
+        if not self.stage_file.exists():
+            return StageInfo(Stage.PENDING)
+        return StageInfo.read(self.stage_file)
+
+    def write_job_id(self, job_id: str) -> None:
+        atomic_write(self.job_id_file, job_id + "\n")
 
     def job_id(self) -> str | None:
         try:

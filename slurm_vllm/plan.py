@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import PlanError
+from .records import Record
 from .spec import JobSpec, Scalar
-
-# vllm.args keys that slurm_vllm sets itself (the plan decides them, or they carry secrets).
-MANAGED_VLLM_ARGS = {
-    "model": "model.path", "served_model_name": "model.served_name",
-    "tensor_parallel_size": "parallelism.tensor", "pipeline_parallel_size": "parallelism.pipeline",
-    "distributed_executor_backend": "(always ray)", "host": "(the node's address)",
-    "port": "vllm.port", "api_key": "vllm.api_key (the key reaches vLLM through a 0600 env file)",
-}
 
 # Ports: one block of BLOCK ports per job, below Linux's ephemeral range (32768-60999) and above
 # Ray's default worker range (10002-19999); the block is chosen from the job id and probed on
@@ -55,9 +47,11 @@ class Ports:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything a rank needs to run its part, decided on the login node (spec → plan)."""
+class Plan(Record):
+    """`plan.json`: everything a rank needs to run its part, decided once where the script is made
+    (spec → plan); the nodes read it and never plan again."""
 
+    KIND: ClassVar[str] = "plan"
     name: str
     nodes: int
     gpus_per_node: int
@@ -72,15 +66,6 @@ class Plan:
     api_key: bool
     preflight: bool = False        # run the cross-node all-reduce before Ray and vLLM
     mode: str = "serve"            # "serve", or "preflight": the all-reduce only, then the job ends
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @staticmethod
-    def from_json(text: str) -> Plan:
-        data = json.loads(text)
-        data["vllm_args"] = tuple(data["vllm_args"])
-        return Plan(**data)
 
 
 def factorizations(total: int) -> list[tuple[int, int]]:
@@ -154,14 +139,10 @@ def _flag(key: str, value: Scalar) -> list[str]:
 
 
 def vllm_flags(args: dict[str, Scalar]) -> tuple[str, ...]:
+    """vllm.args (checked in spec) as `vllm serve` flags."""
     out: list[str] = []
     for key, value in args.items():
-        canonical = key.replace("-", "_")
-        if canonical in MANAGED_VLLM_ARGS:
-            raise PlanError(f"vllm.args.{key}: set by slurm_vllm; use {MANAGED_VLLM_ARGS[canonical]}")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", key):
-            raise PlanError(f"vllm.args.{key}: not a vLLM option name (use snake_case, e.g. max_model_len)")
-        out += _flag(canonical, value)
+        out += _flag(key.replace("-", "_"), value)
     return tuple(out)
 
 

@@ -10,9 +10,11 @@ that is the silent 4-5x slowdown users otherwise find in production.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from .errors import ClusterError
+from .records import PreflightResult
 
 SIZES = (1 << 16, 1 << 20, 1 << 24)        # bytes per all-reduce: 64 KiB, 1 MiB, 16 MiB
 
@@ -69,29 +71,34 @@ def transport(log_text: str) -> str | None:
     return via[-1] if via else None
 
 
-def verdict(result: dict[str, Any], nccl_log: str, ib_requested: bool) -> dict[str, Any]:
-    """Add the transport to RESULT; raise ClusterError when the run proves a problem."""
-    wrong = [r["bytes"] for r in result["rows"] if not r["correct"]]
+def verdict(raw: dict[str, Any], nccl_log: str, ib_requested: bool) -> PreflightResult:
+    """The typed result of the script's RAW output, with the transport; ClusterError when the run
+    proves a problem (wrong sums, or InfiniBand asked for and not used)."""
+    try:
+        result = PreflightResult.from_dict({k: raw[k] for k in ("backend", "world_size", "rows")})
+    except (KeyError, TypeError) as exc:
+        raise ClusterError(f"preflight: the all-reduce script wrote an unreadable result: {exc}") from None
+    wrong = [r.bytes for r in result.rows if not r.correct]
     if wrong:
         raise ClusterError(f"preflight: all-reduce gave wrong sums for sizes {wrong} bytes")
-    if result["backend"] == "nccl":
+    if result.backend == "nccl":
         used = transport(nccl_log)
-        result["transport"] = f"NET/{used}" if used else "unknown (set nccl.debug: INFO to see it)"
+        shown = f"NET/{used}" if used else "unknown (set nccl.debug: INFO to see it)"
+        result = replace(result, transport=shown)
         if ib_requested and used != "IB":
             raise ClusterError(
-                f"preflight: nccl.ib_hca asks for InfiniBand but NCCL used {result['transport']}: the "
+                f"preflight: nccl.ib_hca asks for InfiniBand but NCCL used {result.transport}: the "
                 f"container lacks /dev/infiniband or the HCA name is wrong (see NCCL INFO lines in logs/)")
-    else:
-        result["transport"] = "gloo over TCP (no GPU visible: NCCL not tested)"
-    return result
+        return result
+    return replace(result, transport="gloo over TCP (no GPU visible: NCCL not tested)")
 
 
-def table(result: dict[str, Any]) -> str:
-    lines = [f"all-reduce across {result['world_size']} nodes, backend {result['backend']}, "
-             f"transport {result['transport']}",
+def table(result: PreflightResult) -> str:
+    lines = [f"all-reduce across {result.world_size} nodes, backend {result.backend}, "
+             f"transport {result.transport}",
              f"{'size':>10} {'time ms':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}  ok"]
-    for r in result["rows"]:
-        size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 1 << 20 else f"{r['bytes'] >> 20} MiB"
-        lines.append(f"{size:>10} {r['ms']:>10.3f} {r['algbw_GBps']:>11.3f} {r['busbw_GBps']:>11.3f}"
-                     f"  {'yes' if r['correct'] else 'NO'}")
+    for r in result.rows:
+        size = f"{r.bytes // 1024} KiB" if r.bytes < 1 << 20 else f"{r.bytes >> 20} MiB"
+        lines.append(f"{size:>10} {r.ms:>10.3f} {r.algbw_GBps:>11.3f} {r.busbw_GBps:>11.3f}"
+                     f"  {'yes' if r.correct else 'NO'}")
     return "\n".join(lines)

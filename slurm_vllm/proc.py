@@ -50,10 +50,6 @@ class Child:
     popen: subprocess.Popen[bytes]
     log_path: Path
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
     def alive(self) -> bool:
         return self.popen.poll() is None
 

@@ -1,8 +1,15 @@
-"""jinja2 (StrictUndefined, a shell-quote filter) → the plain sbatch script of a job; sbatch flags."""
+"""Spec + plan → the one sbatch script of a job (directives, setup, launch): what `submit` and `render` use.
+
+There is one mapping from a spec to a job: the #SBATCH directives, the setup lines and the node
+command below. `render` prints the script; `submit` hands the same text to sbatch (through
+submitit); the node's `init` step records the script Slurm ran as job.sbatch. The plan is computed
+once, here, and embedded: the node reads it and never plans again.
+"""
 
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -10,20 +17,11 @@ import jinja2
 from . import __version__
 from .errors import SpecError
 from .plan import Plan
-from .spec import JobSpec
+from .spec import JobSpec, dump
 
-# sbatch flags slurm_vllm sets itself; slurm.extra_directives may not set them.
-MANAGED = {
-    "job-name": "name", "nodes": "slurm.nodes", "ntasks": "(one task per node)",
-    "ntasks-per-node": "(one task per node)", "gpus-per-node": "slurm.gpus_per_node",
-    "gpus": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem",
-    "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
-    "time": "slurm.time", "constraint": "slurm.constraint", "exclusive": "slurm.exclusive",
-    "output": "(logs live in the job folder)", "error": "(logs live in the job folder)",
-    "signal": "(slurm_vllm handles the time limit)", "array": "(one server per job)",
-    "wrap": "(the script is slurm_vllm's)", "open-mode": "(set by slurm_vllm)",
-}
 SPEC_END = "SLURM_VLLM_SPEC"
+PLAN_SEPARATOR = "--- # the plan, decided when the script was made (the node does not plan again)"
+TEMPLATE = "job.sbatch.j2"
 
 
 def template_dir() -> Path:
@@ -35,26 +33,20 @@ def template_dir() -> Path:
     raise FileNotFoundError("slurm_vllm's sbatch_templates folder is missing from this installation")
 
 
-def environment(extra_dirs: tuple[Path, ...] = ()) -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([*map(str, extra_dirs), str(template_dir())]),
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
-    )
-    env.filters["q"] = lambda value: shlex.quote(str(value))
-    return env
-
-
 def extra_directives(spec: JobSpec) -> list[tuple[str, str | None]]:
-    """slurm.extra_directives as (flag, value) pairs; flags the tool manages are refused."""
+    """slurm.extra_directives as (flag, value) pairs (flags slurm_vllm manages are refused in spec)."""
     out: list[tuple[str, str | None]] = []
     for key, value in spec.slurm.extra_directives.items():
         flag = key.replace("_", "-").lstrip("-")
-        if flag in MANAGED:
-            raise SpecError(f"slurm.extra_directives.{key}: managed by slurm_vllm; use {MANAGED[flag]}")
         if value is False:
             continue
         out.append((flag, None if value is True else str(value)))
     return out
+
+
+def batch_log(spec: JobSpec) -> str:
+    """The batch step's own output (the init step, srun's errors): beside the job folders."""
+    return f"{spec.jobs_root_path}/{spec.name}-%j.out"
 
 
 def directives(spec: JobSpec) -> list[str]:
@@ -70,19 +62,84 @@ def directives(spec: JobSpec) -> list[str]:
     if s.exclusive:
         pairs.append(("exclusive", None))
     pairs.append(("signal", "USR2@90"))        # the ranks stop cleanly before the time limit
+    pairs.append(("output", batch_log(spec)))
     pairs += extra_directives(spec)
     return [f"--{k}" if v is None else f"--{k}={shlex.quote(v)}" for k, v in pairs]
 
 
-def sbatch_script(spec: JobSpec, plan: Plan, spec_yaml: str, python: str, source: str,
-                  template: str = "job.sbatch.j2", extra_dirs: tuple[Path, ...] = ()) -> str:
-    """The plain sbatch script that runs SPEC: a node `init` step, then one task per node."""
-    if any(line.strip() == SPEC_END for line in spec_yaml.splitlines()):
+@dataclass(frozen=True)
+class JobScript:
+    """The parts of a job's sbatch script that decide what runs (the template lays them out)."""
+
+    directives: tuple[str, ...]
+    setup: tuple[str, ...]
+    init_command: str          # makes the job folder from the embedded spec and plan (stdin)
+    embedded: str              # the resolved spec (YAML), then the plan (JSON)
+    node_command: str          # one task per node: the per-rank program
+
+
+def job_script(spec: JobSpec, plan: Plan, python: str) -> JobScript:
+    """The one mapping from SPEC (and its PLAN) to the job: directives, setup lines, node command."""
+    spec_yaml = dump(spec)
+    if any(line.strip() in (SPEC_END, PLAN_SEPARATOR) for line in spec_yaml.splitlines()):
         raise SpecError(f"the spec may not contain a line {SPEC_END!r}")
-    return environment(extra_dirs).get_template(template).render(
-        directives=directives(spec), version=__version__, source=source, name=spec.name,
-        jobs_root=str(spec.jobs_root_path), setup=list(spec.slurm.setup), python=python,
-        spec_yaml=spec_yaml if spec_yaml.endswith("\n") else spec_yaml + "\n",
-        tp_pp=f"{plan.nodes} nodes x {plan.gpus_per_node} GPUs: tensor parallel {plan.tp} x "
-              f"pipeline parallel {plan.pp}, served as {plan.served_name!r}",
+    py = shlex.quote(python)
+    return JobScript(
+        directives=tuple(directives(spec)),
+        setup=tuple(spec.slurm.setup),
+        init_command=f'{py} -m slurm_vllm.node init "$job_dir" "$0"',
+        embedded=f"{spec_yaml.rstrip()}\n{PLAN_SEPARATOR}\n{plan.to_json().rstrip()}\n",
+        node_command=(f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --unbuffered '
+                      f'--output="$job_dir/logs/task-%t.out" {py} -u -m slurm_vllm.node run "$job_dir"'),
     )
+
+
+def split_embedded(text: str) -> tuple[str, str]:
+    """The (spec YAML, plan JSON) that `init` reads from the script."""
+    spec_yaml, sep, plan_json = text.partition(f"\n{PLAN_SEPARATOR}\n")
+    if not sep:
+        raise SpecError("the script's embedded spec has no plan after it (made by another slurm_vllm?)")
+    return spec_yaml + "\n", plan_json
+
+
+def _comment(value: object) -> str:
+    """VALUE on one comment line (newlines would end the comment and start shell)."""
+    return " ".join(str(value).split())
+
+
+def environment() -> jinja2.Environment:
+    """jinja2 over the shipped templates: StrictUndefined, the `q` (shell-quote) and `comment` filters."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir())),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    env.filters["comment"] = _comment
+    return env
+
+
+def sbatch_text(spec: JobSpec, plan: Plan, python: str, template: str | Path | None = None) -> str:
+    """The job's sbatch script: the shipped template, or TEMPLATE (a file extending it by blocks)."""
+    chosen = Path(template).expanduser() if template else (
+        Path(spec.slurm.template).expanduser() if spec.slurm.template else None)
+    parts = job_script(spec, plan, python)
+    env = environment()
+    try:
+        if chosen is None:
+            tmpl = env.get_template(TEMPLATE)
+        else:                    # the user's file, by its path; it extends the shipped one by name
+            try:
+                tmpl = env.from_string(chosen.read_text())
+            except OSError as exc:
+                raise SpecError(f"slurm.template: {chosen}: cannot read: {exc.strerror}") from None
+        return tmpl.render(
+            directives=parts.directives, setup=parts.setup, init_command=parts.init_command,
+            embedded=parts.embedded, node_command=parts.node_command, version=__version__,
+            name=spec.name, jobs_root=str(spec.jobs_root_path),
+            job_dir_shown=f"{spec.jobs_root_path}/{spec.name}-<job id>",
+            tp_pp=f"{plan.nodes} nodes x {plan.gpus_per_node} GPUs: tensor parallel {plan.tp} x "
+                  f"pipeline parallel {plan.pp}, served as {plan.served_name!r}")
+    except jinja2.TemplateNotFound as exc:
+        raise SpecError(f"slurm.template: {chosen}: no such template ({exc.name})") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise SpecError(f"slurm.template: {chosen}, line {exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise SpecError(f"slurm.template: {chosen}: {exc.message}") from None

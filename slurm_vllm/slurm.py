@@ -1,6 +1,8 @@
-"""Slurm's view of a job (squeue, then sacct) and scancel, through the subprocess wrapper."""
+"""Slurm's view of jobs (squeue, then sacct) and scancel, through the subprocess wrapper."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from . import proc
 
@@ -8,14 +10,40 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "BOOT_FAIL", "DEADLINE")
 
 
+@dataclass(frozen=True)
+class SlurmJob:
+    """One job as Slurm reports it: its state, and the time left while it is in the queue."""
+
+    state: str
+    time_left: str | None = None
+
+
+def jobs_state(job_ids: list[str]) -> dict[str, SlurmJob]:
+    """The state of each of JOB_IDS Slurm knows: one squeue of this user's jobs (filtered here: squeue
+    -j fails on an id it forgot), then one sacct for the others; an id unknown to both is left out."""
+    if not job_ids:
+        return {}
+    out: dict[str, SlurmJob] = {}
+    queue = proc.run(["squeue", "-h", "--me", "-o", "%i|%T|%L"], check=False, timeout=30)
+    for line in queue.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[0] in job_ids:
+            out[parts[0]] = SlurmJob(parts[1], parts[2] if parts[2] not in ("", "INVALID") else None)
+    rest = [j for j in job_ids if j not in out]
+    if rest:
+        acct = proc.run(["sacct", "-X", "-n", "-P", "-j", ",".join(rest), "-o", "JobID,State"], check=False,
+                        timeout=30)
+        for line in acct.stdout.splitlines():
+            job, _, state = line.strip().partition("|")
+            if job in rest and state:
+                out[job] = SlurmJob(state)
+    return out
+
+
 def job_state(job_id: str) -> str | None:
     """PENDING, RUNNING, COMPLETED, CANCELLED… or None if Slurm does not know the job (yet)."""
-    out = proc.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False, timeout=30).stdout.split()
-    if out:
-        return out[0]
-    acct = proc.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], check=False, timeout=30)
-    states = acct.stdout.split()
-    return states[0] if states else None
+    found = jobs_state([job_id]).get(job_id)
+    return found.state if found else None
 
 
 def cancel(job_id: str) -> None:

@@ -21,6 +21,26 @@ DEFAULT_JOBS_ROOT = "~/.slurm_vllm/jobs"
 # Keys of `env` that look like secrets: refused there (they would land in scripts and logs).
 SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY)", re.I)
 
+# vllm.args keys that slurm_vllm sets itself (the plan decides them, or they carry secrets).
+MANAGED_VLLM_ARGS = {
+    "model": "model.path", "served_model_name": "model.served_name",
+    "tensor_parallel_size": "parallelism.tensor", "pipeline_parallel_size": "parallelism.pipeline",
+    "distributed_executor_backend": "(always ray)", "host": "(the node's address)",
+    "port": "vllm.port", "api_key": "vllm.api_key (the key reaches vLLM through a 0600 env file)",
+}
+
+# sbatch flags slurm_vllm sets itself; slurm.extra_directives may not set them.
+MANAGED_DIRECTIVES = {
+    "job-name": "name", "nodes": "slurm.nodes", "ntasks": "(one task per node)",
+    "ntasks-per-node": "(one task per node)", "gpus-per-node": "slurm.gpus_per_node",
+    "gpus": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem",
+    "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
+    "time": "slurm.time", "constraint": "slurm.constraint", "exclusive": "slurm.exclusive",
+    "output": "(logs live in jobs_root and the job folder)", "error": "(logs live in the job folder)",
+    "signal": "(slurm_vllm handles the time limit)", "array": "(one server per job)",
+    "wrap": "(the script is slurm_vllm's)", "open-mode": "(set by slurm_vllm)",
+}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -51,6 +71,7 @@ class SlurmSpec:
     extra_directives: dict[str, Scalar] = field(default_factory=dict)
     setup: tuple[str, ...] = ()
     python: str | None = None
+    template: str | None = None     # a jinja2 file extending job.sbatch.j2 (relative: to the spec file)
 
 
 @dataclass(frozen=True)
@@ -266,6 +287,21 @@ def _check(spec: JobSpec) -> None:
             if value != "auto" and not 1024 <= value <= 65535:
                 raise SpecError(f"{'vllm' if section is spec.vllm else 'ray'}.port: must be 1024-65535 "
                                 f"or auto, got {value}")
+    for key in spec.slurm.extra_directives:
+        flag = key.replace("_", "-").lstrip("-")
+        if flag in MANAGED_DIRECTIVES:
+            raise SpecError(f"slurm.extra_directives.{key}: managed by slurm_vllm; "
+                            f"use {MANAGED_DIRECTIVES[flag]}")
+    for key in spec.vllm.args:
+        canonical = key.replace("-", "_")
+        if canonical in MANAGED_VLLM_ARGS:
+            raise SpecError(f"vllm.args.{key}: set by slurm_vllm; use {MANAGED_VLLM_ARGS[canonical]}")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", key):
+            raise SpecError(f"vllm.args.{key}: not a vLLM option name (use snake_case, e.g. max_model_len)")
+    nccl = {f"nccl.{k}": v for k, v in dataclasses.asdict(spec.nccl).items() if isinstance(v, str)}
+    for key, value in {**{f"env.{k}": v for k, v in spec.env.items()}, **nccl}.items():
+        if any(ch in value for ch in "\n\r\0"):
+            raise SpecError(f"{key}: a value may not contain a newline or NUL (it goes into an env file)")
     iface = spec.network.interface
     if iface is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", iface):
         raise SpecError(f"network.interface: {iface!r} is not an interface name (e.g. ib0, eth1)")
@@ -318,9 +354,14 @@ def load(path: str | Path) -> JobSpec:
         where = f" line {mark.line + 1}" if mark else ""
         raise SpecError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     try:
-        return parse(data)
+        spec = parse(data)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from exc
+    template = spec.slurm.template
+    if template and not Path(os.path.expanduser(template)).is_absolute():
+        resolved = str(Path(path).resolve().parent / template)
+        spec = dataclasses.replace(spec, slurm=dataclasses.replace(spec.slurm, template=resolved))
+    return spec
 
 
 def to_dict(spec: JobSpec) -> dict[str, Any]:

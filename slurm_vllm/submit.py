@@ -1,76 +1,45 @@
-"""Plan → submitit executor parameters → a submitted job in a fresh job folder."""
+"""The job's one sbatch script (render.py) → sbatch, through submitit → the Slurm job id and folder."""
 
 from __future__ import annotations
 
-import shlex
-import shutil
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
 from .errors import SubmitError
-from .jobdir import JobDir, link_job_id
 from .plan import Plan
-from .render import extra_directives
-from .spec import JobSpec, dump
+from .render import sbatch_text
+from .spec import JobSpec
 
 
-def executor_parameters(spec: JobSpec) -> dict[str, Any]:
-    """submitit parameters for SPEC: one task per node, flags like the rendered script's."""
-    s = spec.slurm
-    extra: dict[str, Any] = {"time": s.time}
-    extra.update({k: (True if v is None else v) for k, v in extra_directives(spec)})
-    params: dict[str, Any] = {
-        "name": spec.name, "nodes": s.nodes, "tasks_per_node": 1,
-        "slurm_srun_args": ["--kill-on-bad-exit=1"],
-        "slurm_setup": list(s.setup), "slurm_additional_parameters": extra,
-    }
-    if s.gpus_per_node:
-        params["gpus_per_node"] = s.gpus_per_node
-    if s.cpus_per_task:
-        params["cpus_per_task"] = s.cpus_per_task
-    optional = {"slurm_mem": s.mem, "slurm_partition": s.partition, "slurm_account": s.account,
-                "slurm_qos": s.qos, "slurm_constraint": s.constraint}
-    params.update({k: v for k, v in optional.items() if v is not None})
-    if s.exclusive:
-        params["slurm_exclusive"] = True
-    return params
+def submit(spec: JobSpec, plan: Plan) -> tuple[str, Path]:
+    """Submit the script `render` prints for SPEC; return (job id, job folder).
 
-
-def new_job_dir(spec: JobSpec) -> JobDir:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    root = spec.jobs_root_path
-    for n in range(100):
-        path = root / (f"{spec.name}-{stamp}" + (f"-{n}" if n else ""))
-        if not path.exists():
-            return JobDir(path)
-    raise SubmitError(f"{root}: cannot find a fresh job folder name")
-
-
-def submit(spec: JobSpec, plan: Plan) -> tuple[str, JobDir]:
-    """Create the job folder, submit one task per node running node.main, return (job id, folder)."""
+    The job folder (<jobs_root>/<name>-<job id>) is made by the script's init step when the job
+    starts, from the spec and plan embedded in it, and init records the script Slurm ran as
+    job.sbatch: the same text for `submit` and `render`. submitit calls sbatch and reads the job id;
+    its own files go to <jobs_root>/.submitit.
+    """
     import submitit  # only when submitting: keeps `--help`, validate and render light
 
-    from . import node
-
-    jd = new_job_dir(spec)
+    text = sbatch_text(spec, plan, spec.slurm.python or sys.executable)
+    root = spec.jobs_root_path
     try:
-        spec.jobs_root_path.mkdir(parents=True, exist_ok=True)
-        jd.create(dump(spec), plan.to_json(), api_key=plan.api_key)
+        (root / ".submitit").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SubmitError(f"jobs_root: cannot create the job folder {jd.path}: {exc.strerror}") from exc
+        raise SubmitError(f"jobs_root: cannot create {root}: {exc.strerror}") from exc
+
+    class Executor(submitit.SlurmExecutor):
+        """submitit's Slurm executor submitting slurm_vllm's script instead of its own."""
+
+        def _make_submission_file_text(self, command: str, uid: str) -> str:
+            return text
+
+    executor = Executor(folder=root / ".submitit")
+    executor.update_parameters(nodes=plan.nodes)         # submitit's count of the job's tasks
     try:
-        executor = submitit.AutoExecutor(folder=str(jd.submitit), cluster="slurm",
-                                         slurm_python=shlex.quote(spec.slurm.python or sys.executable))
-        executor.update_parameters(**executor_parameters(spec))
-        job = executor.submit(node.run_task, str(jd.path))
+        job: Any = executor._submit_command("slurm_vllm")  # the command is in the text already
     except Exception as exc:  # submitit raises its own errors and subprocess ones
-        shutil.rmtree(jd.path, ignore_errors=True)
         raise SubmitError(f"sbatch refused the job: {str(exc).strip().splitlines()[-1]}") from exc
     job_id = str(job.job_id)
-    jd.job_id_file.write_text(job_id + "\n")
-    submission = jd.submitit / f"{job_id}_submission.sh"
-    if submission.exists():
-        shutil.copy(submission, jd.sbatch)
-    link_job_id(spec.jobs_root_path, job_id, jd.path)
-    return job_id, jd
+    return job_id, root / f"{spec.name}-{job_id}"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.unit
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"          # what users start from
+TEST_CONFIGS = Path(__file__).resolve().parent / "configs"         # the test bed's
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -22,7 +23,7 @@ def test_help_and_validate_do_not_import_ray_or_vllm(tmp_path: Path) -> None:
     spec.write_text("name: t\nmodel: {path: /m}\nslurm: {nodes: 2, gpus_per_node: 4}\n")
     probe = (
         "import sys\nfrom slurm_vllm.cli import main\n"
-        "for verb in ['validate', 'render', 'submit', 'status', 'endpoint', 'logs', 'cancel']:\n"
+        "for verb in ['validate', 'render', 'submit', 'list', 'status', 'endpoint', 'logs', 'cancel']:\n"
         "    try:\n        main([verb, '--help'])\n    except SystemExit:\n        pass\n"
         f"main(['validate', {str(spec)!r}])\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'torch', 'submitit'))\n"
@@ -56,7 +57,8 @@ def test_unknown_job_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     assert out.returncode == 1 and "job 999999: no job folder" in out.stderr
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*CONFIGS.glob("*.yaml"), *TEST_CONFIGS.glob("*.yaml")]),
+                         ids=lambda p: p.name)
 def test_every_config_validates(path: Path, tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
            **{k: f"/testbed/{k.lower()}" for k in (

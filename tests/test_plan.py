@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slurm_vllm import plan, spec
-from slurm_vllm.errors import PlanError
+from slurm_vllm.errors import PlanError, SpecError
 
 pytestmark = pytest.mark.unit
 LLAMA_70B = {"num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80}
@@ -52,9 +52,9 @@ def test_model_config_checks_heads_and_layers() -> None:
 def test_vllm_flags_and_managed_keys() -> None:
     assert plan.vllm_flags({"max_model_len": 256, "enforce_eager": True, "trust_remote_code": False}) == (
         "--max-model-len", "256", "--enforce-eager")
-    for key in ("tensor_parallel_size", "api_key", "port", "host"):
-        with pytest.raises(PlanError, match=f"vllm.args.{key}: set by slurm_vllm"):
-            plan.vllm_flags({key: 1})
+    for key in ("tensor_parallel_size", "api_key", "port", "host"):     # refused at load, by spec
+        with pytest.raises(SpecError, match=f"vllm.args.{key}: set by slurm_vllm"):
+            spec.parse({"name": "t", "model": {"path": "/m"}, "vllm": {"args": {key: 1}}})
 
 
 def test_port_blocks_do_not_overlap_and_avoid_ray_and_ephemeral_ranges() -> None:

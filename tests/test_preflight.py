@@ -46,13 +46,13 @@ def test_transport(log: str, expected: str | None) -> None:
 def test_ib_requested_but_sockets_used_fails_with_a_hint() -> None:
     with pytest.raises(ClusterError, match=r"asks for InfiniBand but NCCL used NET/Socket.*/dev/infiniband"):
         verdict(result(), SOCKET_LOG, ib_requested=True)
-    assert verdict(result(), IB_LOG, ib_requested=True)["transport"] == "NET/IB"
-    assert verdict(result(), SOCKET_LOG, ib_requested=False)["transport"] == "NET/Socket"
+    assert verdict(result(), IB_LOG, ib_requested=True).transport == "NET/IB"
+    assert verdict(result(), SOCKET_LOG, ib_requested=False).transport == "NET/Socket"
 
 
 def test_wrong_sums_fail_and_gloo_is_reported() -> None:
     with pytest.raises(ClusterError, match="wrong sums"):
         verdict(result(correct=False), IB_LOG, ib_requested=False)
     checked = verdict(result("gloo"), "", ib_requested=False)
-    assert checked["transport"].startswith("gloo over TCP")
+    assert checked.transport.startswith("gloo over TCP")
     assert "busbw GB/s" in table(checked) and "1 MiB" in table(checked)

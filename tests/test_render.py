@@ -8,12 +8,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slurm_vllm import plan, render, spec
 from slurm_vllm.errors import SpecError
 
 pytestmark = pytest.mark.unit
 GOLDEN = Path(__file__).parent / "golden" / "job.sbatch"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"          # what users start from
+TEST_CONFIGS = Path(__file__).resolve().parent / "configs"         # the test bed's
 SPEC = {
     "name": "llama-70b", "model": {"path": "/models/Llama-3.1-70B-Instruct", "served_name": "llama"},
     "slurm": {"nodes": 2, "gpus_per_node": 8, "cpus_per_task": 32, "mem": "0", "partition": "gpu",
@@ -29,8 +32,7 @@ SPEC = {
 
 def rendered() -> str:
     s = spec.parse(SPEC)
-    return render.sbatch_script(s, plan.make(s, {}), spec.dump(s), "/opt/slurm_vllm/bin/python",
-                                source="configs/llama.yaml")
+    return render.sbatch_text(s, plan.make(s, {}), "/opt/slurm_vllm/bin/python")
 
 
 def test_golden_sbatch_script() -> None:
@@ -56,4 +58,72 @@ def test_managed_extra_directive_is_refused() -> None:
     slurm = {**SPEC["slurm"], "extra_directives": {"ntasks_per_node": 4}}  # type: ignore[dict-item]
     data = {**SPEC, "slurm": slurm}
     with pytest.raises(SpecError, match=r"slurm\.extra_directives\.ntasks_per_node: managed by slurm_vllm"):
-        render.directives(spec.parse(data))
+        spec.parse(data)                                  # at load: validate refuses it too
+
+
+@pytest.fixture(autouse=True)
+def no_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("USER", raising=False)      # jobs_root's $USER stays as written
+
+
+def embedded_of(text: str) -> str:
+    return text.split("<<'SLURM_VLLM_SPEC'\n", 1)[1].split("SLURM_VLLM_SPEC\n", 1)[0]
+
+
+@pytest.mark.parametrize("path", sorted([*CONFIGS.glob("*.yaml"), *TEST_CONFIGS.glob("*.yaml")]),
+                         ids=lambda p: p.name)
+def test_every_config_renders_one_job(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script of every config: valid shell, its directives, the spec and plan embedded once."""
+    for var in ("SLURM_VLLM_TEST_VENV", "SLURM_VLLM_TEST_MODEL", "SLURM_VLLM_TEST_JOBS_ROOT",
+                "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_IMAGE"):
+        monkeypatch.setenv(var, f"/testbed/{var.lower()}")
+    monkeypatch.setenv("SLURM_VLLM_TEST_BINDS", "/a:/a:ro")
+    s = spec.load(path)
+    p = plan.make(s, {})
+    text = render.sbatch_text(s, p, "/usr/bin/python3")
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    flags = [line.removeprefix("#SBATCH ") for line in text.splitlines() if line.startswith("#SBATCH ")]
+    assert flags == render.directives(s)
+    assert f"--nodes={s.slurm.nodes}" in flags and "--signal=USR2@90" in flags
+    spec_yaml, plan_json = render.split_embedded(embedded_of(text))
+    assert spec.parse(yaml.safe_load(spec_yaml)) == s and plan.Plan.from_json(plan_json) == p
+    node = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert node == [render.job_script(s, p, "/usr/bin/python3").node_command]
+
+
+def test_a_user_template_extends_the_shipped_one_by_blocks(tmp_path: Path) -> None:
+    template = tmp_path / "site.sbatch.j2"
+    template.write_text('{% extends "job.sbatch.j2" %}\n'
+                        "{% block directives %}{{ super() }}#SBATCH --comment=site\n{% endblock %}\n"
+                        "{% block setup %}module load cuda/12.4\n{{ super() }}{% endblock %}\n")
+    s = spec.parse({**SPEC, "slurm": {**SPEC["slurm"], "template": str(template)}})  # type: ignore[dict-item]
+    text = render.sbatch_text(s, plan.make(s, {}), "/usr/bin/python3")
+    lines = text.splitlines()
+    assert lines.index("#SBATCH --comment=site") == lines.index("#SBATCH --hint=nomultithread") + 1
+    assert lines.index("module load cuda/12.4") + 1 == lines.index("module load apptainer")
+    assert text.count("slurm_vllm.node run") == 1
+    # render --template wins over the spec's
+    plain = tmp_path / "plain.j2"
+    plain.write_text('{% extends "job.sbatch.j2" %}')
+    assert "--comment=site" not in render.sbatch_text(s, plan.make(s, {}), "/usr/bin/python3", plain)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (None, "slurm.template: {path}: cannot read: No such file or directory"),
+    ('{% extends "job.sbatch.j2" %}{% block setup %}{{ nope }}{% endblock %}', "'nope' is undefined"),
+    ("{% block setup %", "line 1: expected token 'end of statement block'"),
+])
+def test_template_errors_are_one_line_spec_errors(body: str | None, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "t.j2"
+    if body is not None:
+        path.write_text(body)
+    s = spec.parse({**SPEC, "slurm": {**SPEC["slurm"], "template": str(path)}})  # type: ignore[dict-item]
+    with pytest.raises(SpecError) as err:
+        render.sbatch_text(s, plan.make(s, {}), "/usr/bin/python3")
+    assert message.format(path=path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_relative_template_is_found_beside_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "site.j2").write_text('{% extends "job.sbatch.j2" %}')
+    (tmp_path / "job.yaml").write_text("name: t\nmodel: {path: /m}\nslurm: {template: site.j2}\n")
+    assert spec.load(tmp_path / "job.yaml").slurm.template == str(tmp_path / "site.j2")

@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from .support.cli import chat, cli, expected, status, wait_stage
-from .support.testbed import leftovers, vllm_workers_by_node
+from .support.testbed import leftovers, node_process_env, vllm_workers_by_node
 
 pytestmark = pytest.mark.e2e
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"              # the test bed's specs
 
 
 def cancel_and_check_clean(job: str, nodes: int = 2, within: float = 30) -> None:
@@ -25,6 +25,11 @@ def cancel_and_check_clean(job: str, nodes: int = 2, within: float = 30) -> None
     t0 = time.monotonic()
     out = cli("cancel", job)
     assert out.returncode == 0, out.stderr
+    check_clean(job, t0, nodes, within)
+
+
+def check_clean(job: str, t0: float, nodes: int = 2, within: float = 30) -> None:
+    """Within WITHIN s of T0 (the cancel) nothing of the job runs on any node; stage CANCELLED."""
     left = leftovers(nodes)
     while left and time.monotonic() - t0 < within:
         time.sleep(0.5)
@@ -37,11 +42,17 @@ def cancel_and_check_clean(job: str, nodes: int = 2, within: float = 30) -> None
 
 
 def submit_wait(config: str) -> tuple[str, Path]:
+    """`submit --wait` CONFIG to READY; the script Slurm ran (job.sbatch, recorded on the node) is
+    exactly what `render` prints for the same spec: one job, two ways to submit it."""
     out = cli("submit", str(CONFIGS / config), "--wait", "--json", timeout=900)
     first = out.stdout.splitlines()[0] if out.stdout else "{}"
     job = json.loads(first)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + logs(job.get("job_dir", ""))
-    return job["job_id"], Path(job["job_dir"])
+    job_dir = Path(job["job_dir"])
+    rendered = cli("render", str(CONFIGS / config))
+    assert rendered.returncode == 0, rendered.stderr
+    assert (job_dir / "job.sbatch").read_text() == rendered.stdout
+    return job["job_id"], job_dir
 
 
 def first_node_ip(job: str) -> str:
@@ -94,23 +105,50 @@ def test_docker_pipeline_parallel_endpoint(testbed: dict[str, str]) -> None:
         cancel_and_check_clean(job)
 
 
-def test_podman_tensor_parallel_across_nodes(testbed: dict[str, str]) -> None:
-    job, job_dir = submit_wait("test-podman-tp2.yaml")
+def test_podman_tensor_parallel_across_nodes_through_the_api(testbed: dict[str, str]) -> None:
+    """The Python API end to end: submit → wait (with progress) → endpoint → chat → cancel."""
+    import slurm_vllm
+    from slurm_vllm.records import HeadInfo
+
+    seen: list[str] = []
+    job = slurm_vllm.submit(CONFIGS / "test-podman-tp2.yaml")
     try:
-        endpoint = json.loads(cli("endpoint", job, "--json", "--jobs-root",
-                                  testbed["SLURM_VLLM_TEST_JOBS_ROOT"]).stdout)
-        key = Path(endpoint["api_key_file"]).read_text().strip()
-        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
-        head = json.loads((job_dir / "head.json").read_text())
-        assert head["ip"] == first_node_ip(job) and head["interface"] == "eth0"
-        assert_vllm_workers_on(job)                     # one tensor-parallel rank on each node
+        status = job.wait(slurm_vllm.Stage.READY, timeout=900, progress=lambda s: seen.append(s.stage.value))
+        assert status.stage == slurm_vllm.Stage.READY and status.slurm_state == "RUNNING"
+        order = [stage.value for stage in slurm_vllm.Stage]
+        assert seen[-1] == "READY" and len(seen) >= 2 and seen == sorted(seen, key=order.index)
+        assert job.job_id and slurm_vllm.job(job.job_id).path == job.path       # the id resolves
+        ep = job.endpoint()
+        answer = chat({"url": ep.url, "model": ep.model}, ep.api_key())
+        assert answer == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+        head = HeadInfo.read(job.dir.head)
+        assert head.ip == first_node_ip(job.job_id) and head.interface == "eth0"
+        assert_vllm_workers_on(job.job_id)              # one tensor-parallel rank on each node
+        assert any(log.name == "vllm-0.log" for log, _ in job.logs(rank=0))
+        listed = json.loads(cli("list", "--json").stdout)
+        assert [(r["stage"], r["url"], r["tp_pp"]) for r in listed if r["job_id"] == job.job_id] == [
+            ("READY", ep.url, "TP2xPP1")]
     finally:
-        cancel_and_check_clean(job)
+        t0 = time.monotonic()
+        job.cancel()
+        check_clean(str(job.job_id), t0)
 
 
-def test_rendered_script_with_plain_sbatch(testbed: dict[str, str], job_dir: Path) -> None:
+SITE_TEMPLATE = """{% extends "job.sbatch.j2" %}
+{% block directives %}{{ super() }}#SBATCH --comment=site-template
+{% endblock %}
+{% block setup %}{{ super() }}export SLURM_VLLM_SITE=loaded   # a site's `module load`-style line
+{% endblock %}
+"""
+
+
+def test_rendered_script_from_a_user_template_with_plain_sbatch(testbed: dict[str, str],
+                                                                 job_dir: Path) -> None:
+    """A user template (an extra directive, a setup line) → `render --template` → plain sbatch → READY."""
+    template = job_dir / "site.sbatch.j2"
+    template.write_text(SITE_TEMPLATE)
     script = job_dir / "serve.sbatch"
-    out = cli("render", str(CONFIGS / "test-none-tp2.yaml"), "-o", str(script))
+    out = cli("render", str(CONFIGS / "test-none-tp2.yaml"), "--template", str(template), "-o", str(script))
     assert out.returncode == 0, out.stderr
     sub = subprocess.run(["sbatch", "--parsable", str(script)], cwd=job_dir, capture_output=True,
                          text=True, env={**os.environ}, check=True)
@@ -118,15 +156,19 @@ def test_rendered_script_with_plain_sbatch(testbed: dict[str, str], job_dir: Pat
     folder = Path(testbed["SLURM_VLLM_TEST_JOBS_ROOT"]) / f"test-none-tp2-{job}"
     try:
         deadline = time.monotonic() + 60
-        while not (folder / "plan.json").exists():
+        while not (folder / "plan.json").exists():    # plain sbatch: the job is ours once init ran
             assert time.monotonic() < deadline, f"the job folder {folder} never appeared"
             time.sleep(0.5)
-        wait_stage(str(folder), ("READY",), 600)
-        endpoint = json.loads(cli("endpoint", str(folder), "--json").stdout)
+        wait_stage(job, ("READY",), 600)          # by job id: init indexed it on the node
+        assert (folder / "job.sbatch").read_text() == script.read_text()
+        comment = subprocess.run(["squeue", "-h", "-j", job, "-o", "%k"], capture_output=True, text=True)
+        assert comment.stdout.strip() == "site-template"
+        endpoint = json.loads(cli("endpoint", job, "--json").stdout)
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert key not in script.read_text()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
         assert_vllm_workers_on(job)
+        assert node_process_env(int(allocation(job)[0][-1]), "vllm serve")["SLURM_VLLM_SITE"] == "loaded"
     finally:
         if (folder / "plan.json").exists():
             cancel_and_check_clean(str(folder))

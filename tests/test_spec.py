@@ -72,3 +72,12 @@ def test_load_reports_file_and_yaml_line(tmp_path: Path) -> None:
 def test_dump_round_trips() -> None:
     s = parse(slurm={"nodes": 2, "setup": ["module load x"]}, vllm={"args": {"max_model_len": 256}})
     assert spec.parse(yaml.safe_load(spec.dump(s))) == s
+
+
+@pytest.mark.parametrize(("section", "data"), [
+    ("env.OMP", {"env": {"OMP": "1\ntouch /tmp/x"}}),
+    ("nccl.ib_hca", {"nccl": {"ib_hca": "mlx5_0\nX=1"}}),
+])
+def test_a_newline_in_an_env_value_is_refused_at_load(section: str, data: dict[str, object]) -> None:
+    with pytest.raises(SpecError, match=f"{section}: a value may not contain a newline"):
+        spec.parse({"name": "t", "model": {"path": "/m"}, **data})

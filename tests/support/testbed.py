@@ -45,6 +45,20 @@ def node_processes(i: int) -> list[tuple[int, str, str]]:
     return out
 
 
+def node_process(node: int, needle: str) -> int:
+    """The first process on NODE whose command line contains NEEDLE."""
+    for pid, _, cmd in node_processes(node):
+        if needle in cmd:
+            return pid
+    raise AssertionError(f"no process running {needle!r} on node{node}")
+
+
+def node_process_env(node: int, needle: str) -> dict[str, str]:
+    """The environment of the first process on NODE whose command line contains NEEDLE."""
+    raw = Path(f"/proc/{node_process(node, needle)}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+
+
 def leftovers(nodes: int) -> list[str]:
     """What still runs on the nodes besides the test bed's own daemons, and any container left."""
     found = []

@@ -1,0 +1,236 @@
+"""The Python API the CLI prints from: submit a spec, then Job.status/wait/endpoint/logs/cancel; jobs().
+
+    import slurm_vllm
+    job = slurm_vllm.submit("job.yaml")                   # or a JobSpec
+    job.wait(timeout=1800, progress=print)                # READY, or JobEnded with the reason
+    ep = job.endpoint()                                   # url, model, api_key()
+    ...
+    job.cancel()
+
+Nothing here imports ray or vllm; submitit only inside submit().
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import index
+from .errors import JobEnded, SlurmVllmError, WaitTimeout
+from .jobdir import JobDir, find
+from .plan import Plan
+from .records import Endpoint, IndexEntry, Stage, StageInfo
+from .spec import DEFAULT_JOBS_ROOT, JobSpec
+
+# Progress order of the stages that are not final (a wait for LOADING is over at READY too).
+ORDER = (Stage.PENDING, Stage.STARTING, Stage.PREFLIGHT, Stage.RAY_HEAD, Stage.RAY_JOINED, Stage.LOADING,
+         Stage.READY)
+# Slurm states that end a job, and the stage a job shows when it ended without its ranks saying why.
+SLURM_ENDED = {"COMPLETED": Stage.DONE, "CANCELLED": Stage.CANCELLED, "TIMEOUT": Stage.TIMEOUT,
+               "DEADLINE": Stage.TIMEOUT, "FAILED": Stage.FAILED, "NODE_FAIL": Stage.FAILED,
+               "OUT_OF_MEMORY": Stage.FAILED, "PREEMPTED": Stage.FAILED, "BOOT_FAIL": Stage.FAILED}
+
+
+@dataclass(frozen=True)
+class Status:
+    """A job as the login node sees it: the ranks' stage, reconciled with Slurm's state."""
+
+    job_id: str | None
+    job_dir: Path
+    stage: Stage
+    detail: str
+    slurm_state: str | None
+    since: float = 0.0            # when the ranks wrote the stage (time.time()); 0: not yet
+
+    def __str__(self) -> str:
+        return f"{self.stage.value}{': ' + self.detail if self.detail else ''}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"job_id": self.job_id, "job_dir": str(self.job_dir), "stage": self.stage.value,
+                "detail": self.detail, "slurm_state": self.slurm_state, "since": self.since}
+
+
+def reconcile(info: StageInfo, slurm_state: str | None) -> tuple[Stage, str]:
+    """The stage to show: the ranks' own, unless Slurm says the job ended (or has not started) first.
+
+    A job killed before its head could write a final stage (node failure, scancel of a pending job,
+    out of memory) shows Slurm's verdict; a final stage written by the ranks always wins.
+    """
+    if info.stage.final or not slurm_state:
+        return info.stage, info.detail
+    word = slurm_state.split()[0]
+    if word in SLURM_ENDED:
+        return SLURM_ENDED[word], info.detail or f"Slurm says {slurm_state}"
+    if word == "PENDING":
+        return Stage.PENDING, info.detail
+    return info.stage, info.detail
+
+
+def reached(current: Stage, target: Stage) -> bool:
+    """Is a job at CURRENT at or past TARGET? Final stages are reached only by themselves."""
+    if target.final or current.final:
+        return current == target
+    return ORDER.index(current) >= ORDER.index(target)
+
+
+def default_jobs_root() -> Path:
+    """$SLURM_VLLM_JOBS_ROOT, else ~/.slurm_vllm/jobs."""
+    return Path(os.path.expandvars(os.environ.get("SLURM_VLLM_JOBS_ROOT") or DEFAULT_JOBS_ROOT)).expanduser()
+
+
+class Job:
+    """One submitted job, through its folder (shared by every node) and Slurm's view of it.
+
+    The folder is made when the job starts: a pending job has only its id (and its plan, when
+    this process submitted it)."""
+
+    def __init__(self, folder: JobDir | Path | str, job_id: str | None = None,
+                 plan: Plan | None = None) -> None:
+        self.dir = folder if isinstance(folder, JobDir) else JobDir(Path(folder))
+        self._job_id = job_id
+        self._plan = plan
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r}, {str(self.dir.path)!r})"
+
+    @property
+    def job_id(self) -> str | None:
+        return self.dir.job_id() or self._job_id
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    def plan(self) -> Plan:
+        if self._plan is not None:
+            return self._plan
+        if not self.dir.plan.exists():
+            raise SlurmVllmError(f"job {self.job_id}: no job folder yet at {self.dir.path} (not started)")
+        return Plan.read(self.dir.plan)
+
+    def status(self) -> Status:
+        from .slurm import job_state
+
+        info = self.dir.read_stage()
+        job_id = self.job_id
+        state = job_state(job_id) if job_id else None
+        stage, detail = reconcile(info, state)
+        return Status(job_id, self.dir.path, stage, detail, state, info.time)
+
+    def wait(self, stage: Stage = Stage.READY, timeout: float | None = None,
+             progress: Callable[[Status], None] | None = None, poll: float = 2.0) -> Status:
+        """Block until the job reaches STAGE; PROGRESS(status) on every change of stage or detail.
+
+        Raises JobEnded when the job ends first (its status in the exception), WaitTimeout after
+        TIMEOUT seconds (the job keeps running). Polls fast at first, then every POLL seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay, last = 0.2, ""
+        while True:
+            status = self.status()
+            if progress is not None and f"{status}|{status.slurm_state}" != last:
+                progress(status)
+            last = f"{status}|{status.slurm_state}"
+            if reached(status.stage, stage):
+                return status
+            if status.stage.final:
+                raise JobEnded(status)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {status.job_id}: still {status} after {timeout:.0f} s")
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 1.5, poll)
+
+    def endpoint(self) -> Endpoint:
+        """The endpoint of a READY job (url, model, api_key()); SlurmVllmError if not serving."""
+        info = self.dir.read_stage()
+        if not self.dir.endpoint.exists():
+            raise SlurmVllmError(f"job {self.job_id}: no endpoint yet (stage {info})")
+        if info.stage != Stage.READY:
+            raise SlurmVllmError(f"job {self.job_id}: the endpoint is gone (stage {info})")
+        return Endpoint.read(self.dir.endpoint)
+
+    def log_files(self, rank: int | None = None) -> list[Path]:
+        """The batch step's output, then Ray's, vLLM's and each task's; those of RANK only if given."""
+        batch = self.dir.path.parent / f"{self.dir.path.name}.out"
+        files = [*([batch] if batch.exists() else []), *sorted(self.dir.logs.glob("*.log")),
+                 *sorted(self.dir.logs.glob("task-*.out"))]
+        if rank is None:
+            return files
+        return [f for f in files if f.stem.endswith(f"-{rank}")]
+
+    def logs(self, rank: int | None = None, lines: int = 40) -> Iterator[tuple[Path, str]]:
+        """(file, its last LINES lines) for each log file (of RANK if given)."""
+        for f in self.log_files(rank):
+            yield f, "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+
+    def cancel(self) -> None:
+        """scancel the job: every rank stops vLLM, Ray and its containers, and the stage says so."""
+        from .slurm import cancel
+
+        job_id = self.job_id
+        if not job_id:
+            raise SlurmVllmError(f"{self.dir.path}: no job id recorded")
+        cancel(job_id)
+
+
+def load(spec: JobSpec | str | Path) -> tuple[JobSpec, Plan]:
+    """A spec (file or JobSpec) and its plan, checked as `validate` checks them."""
+    from . import plan as plan_mod
+    from . import spec as spec_mod
+
+    job_spec = spec if isinstance(spec, JobSpec) else spec_mod.load(str(spec))
+    return job_spec, plan_mod.make(job_spec)
+
+
+def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job:
+    """Submit SPEC (a YAML file or a JobSpec); the Job returns at once (wait() for READY)."""
+    from .submit import submit as sbatch
+
+    job_spec, plan = load(spec)
+    if preflight_only:
+        plan = replace(plan, mode="preflight")
+    job_id, folder = sbatch(job_spec, plan)
+    index.record(job_id, folder, plan)
+    return Job(folder, job_id=job_id, plan=plan)
+
+
+def _from_entry(entry: IndexEntry) -> Job:
+    jd = JobDir(Path(entry.job_dir))
+    plan = None if jd.plan.exists() else Plan(
+        name=entry.name, nodes=entry.nodes, gpus_per_node=0, tp=entry.tp, pp=entry.pp, served_name="",
+        model_path="", vllm_args=(), gcs_port=None, api_port=None, ready_timeout=0, api_key=False)
+    return Job(jd, job_id=entry.job_id, plan=plan)
+
+
+def job(ref: str, jobs_root: Path | str | None = None) -> Job:
+    """A job by folder or Slurm job id (this user's index first, then JOBS_ROOT/by-id)."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "plan.json").exists():
+        return Job(path.resolve())
+    if "/" in ref:              # a folder not made yet: a pending job's, if the index knows it
+        for pending in index.entries():
+            if Path(pending.job_dir) == path.resolve():
+                return _from_entry(pending)
+    if ref.isdigit():
+        entry = index.lookup(ref)
+        if entry is not None:
+            return _from_entry(entry)
+    root = Path(jobs_root).expanduser() if jobs_root else default_jobs_root()
+    return Job(find(ref, root))
+
+
+def jobs(jobs_root: Path | str | None = None) -> list[Job]:
+    """This user's jobs, newest first: those in the index (pending ones included), and the job
+    folders in JOBS_ROOT if given."""
+    found = {Path(e.job_dir): _from_entry(e) for e in sorted(index.entries(), key=lambda e: e.submitted)}
+    if jobs_root is not None:
+        for plan_file in Path(jobs_root).expanduser().glob("*/plan.json"):
+            found.setdefault(plan_file.parent.resolve(), Job(plan_file.parent.resolve()))
+
+    def started(j: Job) -> float:
+        return j.dir.plan.stat().st_mtime if j.dir.plan.exists() else time.time()
+
+    return sorted(found.values(), key=started, reverse=True)

@@ -1,0 +1,62 @@
+"""This user's index of Slurm job ids → job folders, so a job id works whatever jobs_root the spec used.
+
+`~/.slurm_vllm/index/<job id>.json` (or under $SLURM_VLLM_INDEX) is an IndexEntry: the job folder,
+which exists once the job starts, and the plan's shape, so that `list` can show a pending job. It is
+written by `submit` on the login node and by the `init` step of a rendered script. Job ids are unique
+per cluster; after a cluster's ids restart, the newest job wins.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+from .errors import JobFolderError
+from .plan import Plan
+from .records import IndexEntry
+
+
+def root() -> Path:
+    return Path(os.path.expandvars(os.environ.get("SLURM_VLLM_INDEX") or "~/.slurm_vllm/index")).expanduser()
+
+
+def record(job_id: str, folder: Path, plan: Plan) -> None:
+    """Index JOB_ID → FOLDER, atomically. The job runs either way: a failure is a warning (the
+    folder path still works everywhere, the id only through --jobs-root)."""
+    from .jobdir import atomic_write
+
+    base = root()
+    entry = IndexEntry(job_id, str(folder.resolve()), plan.name, plan.nodes, plan.tp, plan.pp, time.time())
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(base / f"{job_id}.json", entry.to_json(), mode=0o600)
+    except OSError as exc:
+        warnings.warn(f"cannot index job {job_id} in {base}: {exc.strerror}", stacklevel=2)
+
+
+def lookup(job_id: str) -> IndexEntry | None:
+    path = root() / f"{job_id}.json"
+    if not path.exists():
+        return None
+    try:
+        return IndexEntry.read(path)
+    except JobFolderError:
+        return None
+
+
+def entries() -> list[IndexEntry]:
+    """Every readable entry (a foreign or broken file is skipped)."""
+    base = root()
+    out = []
+    for path in sorted(base.glob("*.json")) if base.is_dir() else []:
+        try:
+            out.append(IndexEntry.read(path))
+        except JobFolderError:
+            continue
+    return out
+
+
+def forget(job_id: str) -> None:
+    (root() / f"{job_id}.json").unlink(missing_ok=True)

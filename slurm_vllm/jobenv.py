@@ -1,0 +1,40 @@
+"""The Slurm task's environment, read once into a typed record: rank, job id, nodes, CPUs, GPUs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from . import hostlist
+from .errors import ClusterError
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """What Slurm tells one task about its job (srun sets these on every node)."""
+
+    rank: int
+    job_id: int
+    hosts: tuple[str, ...]
+    cpus: int
+    gpus: tuple[str, ...]
+
+    @property
+    def head_host(self) -> str:
+        return self.hosts[0]
+
+    @staticmethod
+    def from_environ(env: Mapping[str, str] | None = None) -> JobEnv:
+        """Read SLURM_PROCID, SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_CPUS_PER_TASK, CUDA_VISIBLE_DEVICES."""
+        env = os.environ if env is None else env
+        missing = [k for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST") if not env.get(k)]
+        if missing:
+            raise ClusterError(f"not inside a Slurm job: {', '.join(missing)} unset")
+        return JobEnv(
+            rank=int(env.get("SLURM_PROCID", "0")),
+            job_id=int(env["SLURM_JOB_ID"]),
+            hosts=tuple(hostlist.expand(env["SLURM_JOB_NODELIST"])),
+            cpus=int(env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1),
+            gpus=tuple(g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g),
+        )

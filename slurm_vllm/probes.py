@@ -1,0 +1,80 @@
+"""Facts a rank waits on: a port free or answering, Ray's alive nodes, and vLLM's HTTP readiness."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+from .errors import ServeError
+from .records import RayNode
+
+# Run inside the container with its Python: the alive Ray nodes, with their IPs and GPUs.
+RAY_PROBE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps([{"ip": n["NodeManagerAddress"], "gpus": n["Resources"].get("GPU", 0)} for n in nodes]))
+"""
+
+
+def port_free(port: int) -> bool:
+    """Can this node bind PORT on every address?"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Does HOST:PORT accept a TCP connection?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def parse_ray_nodes(stdout: str) -> tuple[RayNode, ...] | None:
+    """RAY_PROBE's output (its last line), or None when it printed no readable answer."""
+    try:
+        rows = json.loads(stdout.strip().splitlines()[-1])
+        return tuple(RayNode(str(n["ip"]), float(n["gpus"])) for n in rows)
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+class Http:
+    """Requests to vLLM's OpenAI server at URL, with its API key."""
+
+    def __init__(self, url: str, key: str | None) -> None:
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def __call__(self, path: str, body: dict[str, object] | None = None) -> tuple[int, str]:
+        """(status, text); status 0 when nothing answers."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, headers={
+            **self.headers, **({"Content-Type": "application/json"} if data else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode(errors="replace")
+        except OSError:
+            return 0, ""
+
+    def healthy(self) -> bool:
+        return self("/health")[0] == 200
+
+    def check_serving(self, model: str) -> None:
+        """After /health: /v1/models lists MODEL and a 1-token completion comes back, or ServeError."""
+        status, text = self("/v1/models")
+        if status != 200 or model not in text:
+            raise ServeError(f"/v1/models answered {status}: {text[:200]}")
+        status, text = self("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 1})
+        if status != 200:
+            raise ServeError(f"a 1-token completion answered {status}: {text[:300]}")

@@ -1,0 +1,88 @@
+"""A rank's pure decisions: the environment Ray and vLLM get, the port block, and the job's final stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .errors import ClusterError, SlurmVllmError
+from .netid import Identity
+from .plan import Plan, Ports, ports
+from .records import RankFailure, Stage
+from .spec import JobSpec
+
+PORT_ATTEMPTS = 16
+
+
+class Stopped(SlurmVllmError):
+    """This rank was told to stop (a signal), or the job ended elsewhere."""
+
+
+def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mapping[str, str],
+                head_gcs: int | None = None) -> dict[str, str]:
+    """What Ray and vLLM see on this node (inside the container): the spec's env, the node's one
+    identity, Ray's token auth and SECRETS. The head (HEAD_GCS set) also gets RAY_ADDRESS, so that
+    `vllm serve` joins this job's Ray and never starts its own."""
+    env = dict(spec.env)
+    env.update({
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(ray_token),
+        **spec.nccl.env(),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "VLLM_HOST_IP": ident.ip,
+        "GLOO_SOCKET_IFNAME": ident.interface,
+        "NCCL_SOCKET_IFNAME": ident.interface,
+    })
+    env.update(secrets)
+    if head_gcs is not None:
+        env["RAY_ADDRESS"] = f"{ident.ip}:{head_gcs}"
+    return env
+
+
+# vLLM copies every VLLM_* variable from its driver to its Ray workers on all nodes, unless a file
+# ray_non_carry_over_env_vars.json in $VLLM_CONFIG_ROOT names it: the API key stays in the server.
+NON_CARRY_OVER = "ray_non_carry_over_env_vars.json"
+
+
+def server_environment(env: Mapping[str, str], api_key: str | None, config_root: Path) -> dict[str, str]:
+    """The environment of `vllm serve` alone: ENV and the API key. Ray's raylets never get the key,
+    and with VLLM_CONFIG_ROOT=CONFIG_ROOT (holding NON_CARRY_OVER) vLLM does not pass it to its
+    Ray workers either."""
+    if api_key is None:
+        return dict(env)
+    return {**env, "VLLM_API_KEY": api_key, "VLLM_CONFIG_ROOT": str(config_root)}
+
+
+def choose_ports(plan: Plan, job_id: int, is_free: Callable[[int], bool], host: str = "this node") -> Ports:
+    """The job's port block (from its id), moved to the next block while any port of it is taken
+    on this node; a port the spec fixed (ray.port, vllm.port) is never moved: taken is an error."""
+    for attempt in range(PORT_ATTEMPTS):
+        block = ports(plan, job_id, attempt)
+        taken = [p for p in block.all() if not is_free(p)]
+        if not taken:
+            return block
+        if plan.gcs_port or plan.api_port:
+            raise ClusterError(f"{host}: port {taken[0]} is taken (ray.port/vllm.port fix this job's "
+                               f"ports: choose others, or auto)")
+    raise ClusterError(f"{host}: no free port block (tried {PORT_ATTEMPTS} from "
+                       f"{ports(plan, job_id).gcs}); is another job holding them?")
+
+
+def outcome(exc: BaseException | None, stop_reason: str) -> tuple[Stage, str]:
+    """How a rank's run ended: None (its work ended by itself) is DONE; a stop is its reason
+    (CANCELLED, or TIMEOUT on the time-limit signal); an error is FAILED with its one line."""
+    if exc is None:
+        return Stage.DONE, ""
+    if isinstance(exc, Stopped):
+        return Stage(stop_reason or "CANCELLED"), ""
+    if isinstance(exc, SlurmVllmError):
+        return Stage.FAILED, str(exc)
+    return Stage.FAILED, f"{type(exc).__name__}: {exc}"
+
+
+def final_stage(stage: Stage, detail: str, failures: list[RankFailure]) -> tuple[Stage, str]:
+    """The job's final stage, as the head writes it: a worker rank's failure wins over the head's
+    own outcome (the head then only saw its consequence), unless the head failed itself."""
+    if failures and stage != Stage.FAILED:
+        return Stage.FAILED, str(failures[0])
+    return stage, detail

@@ -1,0 +1,317 @@
+"""The head and worker phases of a rank: Ray up, the barrier, vLLM, readiness, supervision, teardown.
+
+Rank 0 (Head) starts the Ray head, waits until Ray reports every node and GPU, starts `vllm serve`
+in the same container, probes /health, /v1/models and a 1-token completion, then writes
+endpoint.json and READY and supervises. Other ranks (Worker) join Ray once the head's GCS port
+answers and stay until the head says done. Ranks meet only through the job folder and the head's
+ports; every wait polls a fact (probes.py) and fails at once when a child dies or a stop comes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import yaml
+
+from . import preflight as preflight_mod
+from . import proc
+from . import spec as spec_mod
+from .container import Runtime, env_file_text
+from .errors import ClusterError
+from .jobdir import JobDir, atomic_write, read_secret, write_secret
+from .jobenv import JobEnv
+from .netid import Identity, identity, interface_network
+from .plan import Plan, Ports, ray_argv, vllm_argv
+from .probes import RAY_PROBE, Http, parse_ray_nodes, port_free, port_open
+from .rankenv import NON_CARRY_OVER, Stopped, choose_ports, environment, server_environment
+from .records import Endpoint, HeadInfo, RankFailure, RayNode, RayNodes, Rendezvous, Stage
+from .spec import JobSpec
+
+POLL = 0.5          # seconds between two looks at a fact (port, Ray, HTTP); never a stand-in for one
+
+
+class Rank:
+    """One task of the allocation."""
+
+    def __init__(self, jd: JobDir, job: JobEnv) -> None:
+        self.jd = jd
+        self.plan = Plan.read(jd.plan)
+        self.spec: JobSpec = spec_mod.parse(yaml.safe_load(jd.spec.read_text()))
+        self.job = job
+        self.rank = job.rank
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.stop_reason = ""
+        self.children: list[proc.Child] = []
+        self.runtime: Runtime | None = None
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if not self.stop_reason:
+                self.stop_reason = {signal.SIGUSR2: "TIMEOUT"}.get(signal.Signals(signum), "CANCELLED")
+            self.stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            signal.signal(sig, handler)
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Stopped(self.stop_reason or "stopped")
+        for child in self.children:
+            if not child.alive():
+                raise ClusterError(f"{child.name} exited (code {child.returncode()}) on "
+                                   f"{socket.gethostname()}: {child.tail(8)}")
+
+    def wait_for(self, what: str, fact: Callable[[], bool], timeout: float) -> None:
+        """Poll FACT() until true; fail at once if a child died or a stop came; fail at TIMEOUT."""
+        deadline = self.started + timeout
+        while True:
+            self.check()
+            if fact():
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}")
+            self.stop.wait(POLL)
+
+    # -- environment -----------------------------------------------------------------------------
+
+    def secrets(self) -> dict[str, str]:
+        """secret_env: each file's content, read here on the node (never on the login node)."""
+        out = {}
+        for key, path in self.spec.secret_env.items():
+            try:
+                out[key] = read_secret(Path(os.path.expandvars(path)).expanduser())
+            except OSError as exc:
+                raise ClusterError(f"secret_env.{key}: cannot read {path} on {socket.gethostname()}: "
+                                   f"{exc.strerror}") from exc
+        return out
+
+    def environment(self, ident: Identity, ports: Ports) -> dict[str, str]:
+        """What Ray and vLLM see on this node (rankenv.environment with this rank's secrets)."""
+        return environment(self.spec, ident, self.jd.ray_token, self.secrets(),
+                           head_gcs=ports.gcs if self.rank == 0 else None)
+
+    def write_env_file(self, name: str, env: dict[str, str]) -> Path:
+        """ENV as env/NAME.env (0600), in the container runtime's syntax."""
+        path = self.jd.env_dir / f"{name}.env"
+        write_secret(path, env_file_text(env, self.spec.container.runtime).rstrip("\n"))
+        return path
+
+    def setup(self, ident: Identity) -> Ports | None:
+        """This rank's ports and runtime, then the preflight if asked; None: the job was only that."""
+        ports = self.choose_ports()
+        self.runtime = self.make_runtime(ident, ports)
+        if self.wants_preflight:
+            self.preflight(ident, ports)
+            if self.plan.mode == "preflight":
+                return None
+        return ports
+
+    @property
+    def wants_preflight(self) -> bool:
+        return self.plan.mode == "preflight" or self.plan.preflight
+
+    def preflight(self, ident: Identity, ports: Ports) -> None:
+        """Every rank: the cross-node all-reduce (preflight.py) in this rank's container."""
+        assert self.runtime is not None
+        if self.rank == 0:
+            self.jd.write(self.jd.preflight_addr, Rendezvous(ident.ip, ports.client))
+            self.jd.write_stage(Stage.PREFLIGHT, f"all-reduce across {self.plan.nodes} nodes")
+        addr = Rendezvous.read(self.jd.preflight_addr)
+        out = self.jd.path / "preflight-raw.json"
+        argv = ["python3", "-c", preflight_mod.SCRIPT, str(self.rank), str(self.plan.nodes), addr.ip,
+                str(addr.port), str(out), ",".join(map(str, preflight_mod.SIZES))]
+        log_path = self.jd.rank_log("preflight", self.rank)
+        child = proc.spawn("preflight", self.runtime.start(argv, suffix="-preflight"), log_path,
+                           env=self.child_env())
+        deadline = time.monotonic() + 300
+        try:
+            while child.alive():
+                if self.stop.is_set():
+                    raise Stopped(self.stop_reason or "stopped")
+                if time.monotonic() > deadline:
+                    raise ClusterError("preflight: no result within 300 s: a hang at process-group init "
+                                       "(check network.interface and that the nodes reach each other)")
+                self.stop.wait(POLL)
+        finally:
+            child.terminate(timeout=5)
+        if child.returncode():
+            raise ClusterError(f"preflight failed on {socket.gethostname()} (exit {child.returncode()}): "
+                               f"{child.tail(6)}")
+        if self.rank == 0:
+            result = preflight_mod.verdict(json.loads(out.read_text()), log_path.read_text(errors="replace"),
+                                           ib_requested=self.spec.nccl.ib_hca is not None)
+            self.jd.write(self.jd.preflight, result)
+            self.jd.write_stage(Stage.PREFLIGHT, f"ok: {result.transport}, "
+                                                 f"{result.rows[-1].busbw_GBps:.2f} GB/s bus bandwidth")
+
+    def choose_ports(self) -> Ports:
+        """This node's port block (rankenv.choose_ports), probed by binding each port here."""
+        return choose_ports(self.plan, self.job.job_id, port_free, socket.gethostname())
+
+    def make_runtime(self, ident: Identity, ports: Ports) -> Runtime:
+        env_file = self.write_env_file(f"rank-{self.rank}", self.environment(ident, ports))
+        binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}")
+        name = f"slurm-vllm-{self.job.job_id}-{self.rank}"
+        return Runtime(self.spec.container, name, env_file, binds, self.job.gpus,
+                       infiniband=self.spec.nccl.ib_hca is not None)
+
+    def child_env(self, env_file: Path | None = None) -> dict[str, str] | None:
+        """The process environment of a child: for runtime none the env file (the rank's, or
+        ENV_FILE) goes in directly; containers get it through --env-file."""
+        assert self.runtime is not None
+        if self.runtime.kind != "none":
+            return None
+        env = dict(os.environ)
+        for line in (env_file or self.runtime.env_file).read_text().splitlines():
+            key, _, value = line.partition("=")
+            env[key] = value
+        return env
+
+    def spawn(self, name: str, argv: list[str], env_file: Path | None = None) -> proc.Child:
+        child = proc.spawn(name, argv, self.jd.rank_log(name, self.rank), env=self.child_env(env_file))
+        self.children.append(child)
+        return child
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        proc.terminate_all(self.children, timeout=10)
+        if self.runtime is not None:
+            remove = self.runtime.remove(("", "-preflight"))
+            if remove:
+                proc.run(remove, check=False, timeout=30)
+
+
+class Head(Rank):
+    """Rank 0: Ray head, barrier, vLLM, readiness, endpoint, supervision."""
+
+    def run(self) -> None:
+        hosts = self.job.hosts
+        ident = identity(self.job.head_host, self.spec.network.interface)
+        self.jd.write_stage(Stage.STARTING, f"{len(hosts)} nodes: {','.join(hosts)}")
+        ports = self.setup(ident)
+        if ports is None:
+            return
+        assert self.runtime is not None
+        self.spawn("ray-head", self.runtime.start(ray_argv(self.plan, ports, ident.ip, None, self.job.cpus)))
+        self.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
+                      lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
+        self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
+        self.jd.write_stage(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
+        nodes = self.barrier(ident, ports)
+        self.jd.write(self.jd.ray_nodes, RayNodes(nodes))
+        self.check_network(ident, nodes)
+        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
+                                           f"{', '.join(sorted(n.ip for n in nodes))}")
+        key = read_secret(self.jd.api_key) if self.plan.api_key else None
+        config_root = self.jd.env_dir / "vllm-config"
+        config_root.mkdir(exist_ok=True)
+        atomic_write(config_root / NON_CARRY_OVER, json.dumps(["VLLM_API_KEY"]) + "\n")
+        server_env = self.write_env_file("vllm-0", server_environment(self.environment(ident, ports), key,
+                                                                       config_root))
+        argv = vllm_argv(self.plan, ident.ip, ports.api)
+        self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
+        url = f"http://{ident.ip}:{ports.api}"
+        self.wait_ready(url)
+        self.jd.write(self.jd.endpoint, Endpoint(
+            url=f"{url}/v1", model=self.plan.served_name, host=ident.ip, port=ports.api,
+            api_key_file=str(self.jd.api_key) if self.plan.api_key else None, job_id=str(self.job.job_id)))
+        self.jd.write_stage(Stage.READY, f"{url}/v1")
+        while True:                      # supervise until vLLM or Ray dies, or a stop comes
+            self.check()
+            self.stop.wait(1.0)
+
+    def barrier(self, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
+        """Wait until Ray reports every node and every GPU of the allocation."""
+        assert self.runtime is not None
+        want_nodes = self.plan.nodes
+        want_gpus = self.plan.nodes * self.plan.gpus_per_node
+        probe = self.runtime.exec(["python3", "-c", RAY_PROBE, f"{ident.ip}:{ports.gcs}"])
+        seen: tuple[RayNode, ...] = ()
+        last = -1
+
+        def joined() -> bool:
+            nonlocal seen, last
+            self.check_workers()
+            out = proc.run(probe, env=self.child_env(), check=False, timeout=60)
+            parsed = parse_ray_nodes(out.stdout)
+            if parsed is None:
+                return False
+            seen = parsed
+            if len(seen) != last:
+                last = len(seen)
+                self.jd.write_stage(Stage.RAY_JOINED, f"{len(seen)}/{want_nodes}")
+            gpus = sum(n.gpus for n in seen)
+            return len(seen) >= want_nodes and gpus >= want_gpus
+
+        self.wait_for(f"Ray to report {want_nodes} nodes and {want_gpus} GPUs", joined,
+                      self.plan.ready_timeout)
+        return seen
+
+    def check_network(self, ident: Identity, nodes: tuple[RayNode, ...]) -> None:
+        """Every Ray node registered an address on the chosen interface's network, or fail now
+        (else vLLM's placement group waits forever for a node it cannot match)."""
+        net = interface_network(ident.interface)
+        wrong = [n.ip for n in nodes if ipaddress.ip_address(n.ip) not in net]
+        if wrong:
+            raise ClusterError(f"Ray nodes {', '.join(wrong)} are not on {ident.interface}'s network {net} "
+                               f"(the head is {ident.ip}); set network.interface to an interface every "
+                               f"node has on one network")
+
+    def check_workers(self) -> None:
+        for failed in self.jd.failed_ranks():
+            raise ClusterError(str(RankFailure.read(failed)))
+
+    def wait_ready(self, url: str) -> None:
+        """vLLM is ready when /health answers, /v1/models lists the model and 1 token comes back."""
+        http = Http(url, read_secret(self.jd.api_key) if self.plan.api_key else None)
+        self.wait_for("vLLM's /health", http.healthy, self.plan.ready_timeout)
+        http.check_serving(self.plan.served_name)
+
+
+class Worker(Rank):
+    """Ranks above 0: join the head's Ray cluster, stay until the head says done."""
+
+    def run(self) -> None:
+        first = self.jd.preflight_addr if self.wants_preflight else self.jd.head
+        self.wait_for(f"the head ({first.name})", lambda: self.published(first), self.plan.ready_timeout)
+        head_ip = (Rendezvous.read(first).ip if first == self.jd.preflight_addr else HeadInfo.read(first).ip)
+        ident = identity(self.job.head_host, self.spec.network.interface, head_ip=head_ip)
+        ports = self.setup(ident)
+        if ports is None:
+            return
+        assert self.runtime is not None
+        self.wait_for("the Ray head (head.json)", self.head_ready, self.plan.ready_timeout)
+        head = HeadInfo.read(self.jd.head)
+        address = f"{head.ip}:{head.gcs_port}"
+        argv = ray_argv(self.plan, ports, ident.ip, address, self.job.cpus)
+        self.spawn("ray-worker", self.runtime.start(argv))
+        while not self.jd.done.exists():
+            self.check()
+            self.stop.wait(POLL)
+
+    def published(self, path: Path) -> bool:
+        if self.jd.done.exists() or self.jd.read_stage().stage.final:
+            raise Stopped("the head ended")
+        return path.exists()
+
+    def head_ready(self) -> bool:
+        if not self.published(self.jd.head):
+            return False
+        head = HeadInfo.read(self.jd.head)
+        return port_open(head.ip, head.gcs_port)

@@ -1,0 +1,140 @@
+"""The Python API's pure parts: the stage shown next to Slurm's state, waits, the job index, `list` rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_vllm import api, index, listing
+from slurm_vllm.errors import JobEnded, WaitTimeout
+from slurm_vllm.jobdir import JobDir
+from slurm_vllm.plan import Plan
+from slurm_vllm.records import Endpoint, Stage, StageInfo
+from slurm_vllm.slurm import SlurmJob
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(("stage", "slurm", "shown"), [
+    (Stage.LOADING, "RUNNING", Stage.LOADING),
+    (Stage.LOADING, None, Stage.LOADING),                 # Slurm forgot the job: the ranks' word
+    (Stage.PENDING, "PENDING", Stage.PENDING),
+    (Stage.READY, "CANCELLED by 0", Stage.CANCELLED),     # killed before the head could say so
+    (Stage.LOADING, "TIMEOUT", Stage.TIMEOUT),
+    (Stage.RAY_HEAD, "NODE_FAIL", Stage.FAILED),
+    (Stage.RAY_HEAD, "OUT_OF_MEMORY", Stage.FAILED),
+    (Stage.READY, "COMPLETED", Stage.DONE),
+    (Stage.FAILED, "COMPLETED", Stage.FAILED),            # a final stage the ranks wrote wins
+    (Stage.CANCELLED, "RUNNING", Stage.CANCELLED),
+])
+def test_reconcile(stage: Stage, slurm: str | None, shown: Stage) -> None:
+    assert api.reconcile(StageInfo(stage, "d"), slurm)[0] == shown
+
+
+def test_reconcile_says_why_when_the_ranks_did_not() -> None:
+    assert api.reconcile(StageInfo(Stage.LOADING), "NODE_FAIL") == (Stage.FAILED, "Slurm says NODE_FAIL")
+
+
+@pytest.mark.parametrize(("current", "target", "done"), [
+    (Stage.READY, Stage.LOADING, True), (Stage.LOADING, Stage.READY, False),
+    (Stage.RAY_JOINED, Stage.RAY_JOINED, True), (Stage.DONE, Stage.READY, False),
+    (Stage.DONE, Stage.DONE, True), (Stage.READY, Stage.DONE, False)])
+def test_reached(current: Stage, target: Stage, done: bool) -> None:
+    assert api.reached(current, target) is done
+
+
+def make_job(tmp_path: Path, name: str = "j", job_id: str | None = None) -> api.Job:
+    jd = JobDir(tmp_path / name)
+    plan = Plan(name=name, nodes=2, gpus_per_node=4, tp=4, pp=2, served_name="m", model_path="/m",
+                vllm_args=(), gcs_port=None, api_port=None, ready_timeout=60, api_key=True)
+    jd.create("name: j\n", plan.to_json(), api_key=True)
+    if job_id:
+        jd.write_job_id(job_id)
+    return api.Job(jd)
+
+
+def test_wait_reports_progress_and_returns_at_the_stage(tmp_path: Path) -> None:
+    job = make_job(tmp_path)
+    seen: list[str] = []
+
+    def ranks() -> None:
+        for stage in (Stage.STARTING, Stage.RAY_HEAD, Stage.LOADING, Stage.READY):
+            job.dir.write_stage(stage, stage.value.lower())
+            time.sleep(0.3)
+
+    t = threading.Thread(target=ranks)
+    t.start()
+    status = job.wait(Stage.READY, timeout=20, progress=lambda s: seen.append(s.stage.value), poll=0.1)
+    t.join()
+    assert status.stage == Stage.READY
+    assert seen[0] == "PENDING" and seen[-1] == "READY" and "LOADING" in seen
+
+
+def test_wait_raises_when_the_job_ends_first_or_time_runs_out(tmp_path: Path) -> None:
+    job = make_job(tmp_path)
+    job.dir.write_stage(Stage.FAILED, "rank 1 on node2: ray-worker exited")
+    with pytest.raises(JobEnded, match="FAILED: rank 1 on node2") as err:
+        job.wait(Stage.READY, timeout=5)
+    assert err.value.status.stage == Stage.FAILED
+    other = make_job(tmp_path, "k")
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout, match="still PENDING after 1 s"):
+        other.wait(Stage.READY, timeout=1, poll=0.2)
+    assert time.monotonic() - t0 < 3
+
+
+def test_endpoint_only_while_ready(tmp_path: Path) -> None:
+    job = make_job(tmp_path)
+    with pytest.raises(api.SlurmVllmError, match="no endpoint yet"):
+        job.endpoint()
+    ep = Endpoint("http://h:1/v1", "m", "h", 1, str(job.dir.api_key), "7")
+    job.dir.write(job.dir.endpoint, ep)
+    job.dir.write_stage(Stage.READY)
+    assert job.endpoint() == ep and job.endpoint().api_key().startswith("sk-")  # type: ignore[union-attr]
+    job.dir.write_stage(Stage.CANCELLED)
+    with pytest.raises(api.SlurmVllmError, match="the endpoint is gone"):
+        job.endpoint()
+
+
+def test_a_job_id_resolves_through_the_index_whatever_jobs_root(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_VLLM_INDEX", str(tmp_path / "index"))
+    monkeypatch.setenv("SLURM_VLLM_JOBS_ROOT", str(tmp_path / "elsewhere"))
+    job = make_job(tmp_path / "own-root", job_id="31")
+    index.record("31", job.path, job.plan())
+    assert api.job("31").path == job.path.resolve()
+    assert [j.path for j in api.jobs()] == [job.path.resolve()]
+    with pytest.raises(api.SlurmVllmError, match="job 32: no job folder"):
+        api.job("32")
+    # A pending job: indexed at submission, its folder not made yet; listed with its plan's shape.
+    index.record("33", tmp_path / "own-root" / "j-33", job.plan())
+    pending = api.job("33")
+    assert pending.job_id == "33" and pending.dir.read_stage().stage == Stage.PENDING
+    assert api.job(str(tmp_path / "own-root" / "j-33")).job_id == "33"      # by the folder to be
+    rows = listing.rows(states={"33": SlurmJob("PENDING", "1:00:00"), "31": SlurmJob("RUNNING", "5:00")})
+    assert [(r.job_id, r.stage, r.tp_pp) for r in rows] == [
+        ("33", "PENDING", "TP4xPP2"), ("31", "PENDING", "TP4xPP2")]
+    # Slurm forgot it and it never started: gone from the index.
+    rows = listing.rows(states={"31": SlurmJob("RUNNING")})
+    assert [r.job_id for r in rows] == ["31"]
+    assert index.lookup("33") is None
+
+
+def test_list_rows_and_table(tmp_path: Path) -> None:
+    job = make_job(tmp_path, "serve", job_id="5")
+    ep = Endpoint("http://10.0.0.1:20072/v1", "m", "10.0.0.1", 20072, None, "5")
+    job.dir.write(job.dir.endpoint, ep)
+    job.dir.write_stage(Stage.READY)
+    now = job.dir.plan.stat().st_mtime + 3725
+    row = listing.row(job, SlurmJob("RUNNING", "55:10"), now)
+    assert (row.job_id, row.name, row.stage, row.nodes, row.tp_pp, row.url, row.time_left) == (
+        "5", "serve", "READY", 2, "TP4xPP2", ep.url, "55:10")
+    ended = listing.row(job, SlurmJob("CANCELLED by 0"), now)
+    assert ended.stage == "CANCELLED" and ended.url == "" and ended.time_left == ""
+    text = listing.table([row])
+    assert text.splitlines()[0].split() == ["JOBID", "NAME", "STAGE", "NODES", "TPxPP", "AGE", "LEFT", "URL"]
+    assert text.splitlines()[1].split() == ["5", "serve", "READY", "2", "TP4xPP2", "1h02m", "55:10", ep.url]
+    assert listing.age(59) == "0m59s" and listing.age(90000) == "1d01h"

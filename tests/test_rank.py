@@ -1,0 +1,127 @@
+"""What runs on the node, its pure parts: the Slurm environment, a rank's env, ports, the final stage."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from slurm_vllm import plan, spec
+from slurm_vllm.container import env_file_text
+from slurm_vllm.errors import ClusterError, ServeError
+from slurm_vllm.jobenv import JobEnv
+from slurm_vllm.netid import Identity, identity
+from slurm_vllm.probes import parse_ray_nodes, port_free
+from slurm_vllm.rankenv import Stopped, choose_ports, environment, final_stage, outcome, server_environment
+from slurm_vllm.records import RankFailure, RayNode, Stage
+
+pytestmark = pytest.mark.unit
+IDENT = Identity("node2", "10.78.0.12", "eth1", "10.78.0.11")
+
+
+def make_spec(runtime: str = "docker", **extra: object) -> spec.JobSpec:
+    data: dict[str, object] = {
+        "name": "t", "model": {"path": "/m"}, "slurm": {"nodes": 2, "gpus_per_node": 1},
+        "container": {"runtime": runtime, "image": "img" if runtime != "none" else None},
+        "env": {"OMP_NUM_THREADS": "4", "QUOTED": "a 'b' $c"},
+        "nccl": {"ib_hca": "mlx5_0", "debug": "WARN"}, **extra}
+    return spec.parse(data)
+
+
+def test_job_env_reads_slurm_once() -> None:
+    job = JobEnv.from_environ({"SLURM_PROCID": "1", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[07-08]",
+                               "SLURM_CPUS_PER_TASK": "16", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert job == JobEnv(rank=1, job_id=77, hosts=("gpu07", "gpu08"), cpus=16, gpus=("0", "1"))
+    assert job.head_host == "gpu07"
+    with pytest.raises(ClusterError, match="not inside a Slurm job: SLURM_JOB_ID, SLURM_JOB_NODELIST unset"):
+        JobEnv.from_environ({})
+
+
+@pytest.mark.parametrize("runtime", ["none", "docker", "podman", "apptainer"])
+def test_environment_of_a_worker_and_of_the_head(runtime: str, tmp_path: Path) -> None:
+    s = make_spec(runtime)
+    worker = environment(s, IDENT, tmp_path / "ray_token", {"HF_TOKEN": "hf_x"})
+    assert worker["VLLM_HOST_IP"] == "10.78.0.12"
+    assert worker["GLOO_SOCKET_IFNAME"] == worker["NCCL_SOCKET_IFNAME"] == "eth1"
+    assert worker["RAY_AUTH_MODE"] == "token" and worker["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray_token")
+    assert worker["NCCL_IB_HCA"] == "mlx5_0" and worker["OMP_NUM_THREADS"] == "4"
+    assert worker["HF_TOKEN"] == "hf_x"
+    assert "RAY_ADDRESS" not in worker and "VLLM_API_KEY" not in worker      # the key stays on the head
+    head = environment(s, IDENT, tmp_path / "ray_token", {}, head_gcs=20064)
+    assert head["RAY_ADDRESS"] == "10.78.0.12:20064" and "VLLM_API_KEY" not in head   # not in Ray's
+    server = server_environment(head, "sk-1", tmp_path / "cfg")
+    assert server == {**head, "VLLM_API_KEY": "sk-1", "VLLM_CONFIG_ROOT": str(tmp_path / "cfg")}
+    assert server_environment(head, None, tmp_path / "cfg") == head
+    text = env_file_text(worker, runtime)
+    line = next(x for x in text.splitlines() if x.startswith("QUOTED="))
+    # Apptainer parses its env file as shell; Docker/Podman (and `none`, read back by slurm_vllm) literally.
+    assert line == ("QUOTED='a '\"'\"'b'\"'\"' $c'" if runtime == "apptainer" else "QUOTED=a 'b' $c")
+
+
+def make_plan(**changes: object) -> plan.Plan:
+    p = plan.make(make_spec(), model_config={})
+    return plan.Plan(**{**p.__dict__, **changes})
+
+
+def test_ports_move_to_the_next_block_while_taken() -> None:
+    p = make_plan()
+    first = plan.ports(p, 1234)
+    taken = {first.gcs, plan.ports(p, 1234, 1).max_worker}     # one port in each of the first two blocks
+    got = choose_ports(p, 1234, lambda port: port not in taken)
+    assert got == plan.ports(p, 1234, 2)
+    assert choose_ports(p, 1234, lambda port: True) == first
+
+
+def test_ports_wrap_below_the_ephemeral_range() -> None:
+    p = make_plan()
+    last = plan.ports(p, plan.SLOTS - 1)
+    assert last.max_worker < 32768
+    assert plan.ports(p, plan.SLOTS) == plan.ports(p, 0)                # job ids wrap around the slots
+
+
+def test_a_fixed_port_that_is_taken_fails_at_once_and_none_free_fails() -> None:
+    fixed = make_plan(gcs_port=6379)
+    with pytest.raises(ClusterError, match="port 6379 is taken"):
+        choose_ports(fixed, 5, lambda port: port != 6379, "node1")
+    with pytest.raises(ClusterError, match="node1: no free port block"):
+        choose_ports(make_plan(), 5, lambda port: False, "node1")
+
+
+def test_port_free_sees_a_bound_port() -> None:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        assert not port_free(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(("exc", "reason", "stage", "detail"), [
+    (None, "", Stage.DONE, ""),
+    (Stopped("stop"), "", Stage.CANCELLED, ""),
+    (Stopped("stop"), "TIMEOUT", Stage.TIMEOUT, ""),
+    (ServeError("/v1/models answered 500: x"), "", Stage.FAILED, "/v1/models answered 500: x"),
+    (KeyError("head"), "", Stage.FAILED, "KeyError: 'head'"),
+])
+def test_outcome(exc: BaseException | None, reason: str, stage: Stage, detail: str) -> None:
+    assert outcome(exc, reason) == (stage, detail)
+
+
+def test_final_stage_a_worker_failure_wins_unless_the_head_failed() -> None:
+    failure = RankFailure(1, "node2", "ray-worker exited (code 1)")
+    assert final_stage(Stage.CANCELLED, "", [failure]) == (
+        Stage.FAILED, "rank 1 on node2: ray-worker exited (code 1)")
+    assert final_stage(Stage.FAILED, "vllm exited", [failure]) == (Stage.FAILED, "vllm exited")
+    assert final_stage(Stage.READY, "", []) == (Stage.READY, "")
+
+
+def test_ray_probe_output() -> None:
+    out = 'some warning\n[{"ip": "10.77.0.11", "gpus": 1.0}, {"ip": "10.77.0.12", "gpus": 1}]\n'
+    assert parse_ray_nodes(out) == (RayNode("10.77.0.11", 1.0), RayNode("10.77.0.12", 1.0))
+    assert parse_ray_nodes("") is None and parse_ray_nodes("Traceback ...") is None
+
+
+def test_identity_on_an_interface_of_this_host() -> None:
+    ident = identity("localhost", "lo")
+    assert (ident.ip, ident.interface) == ("127.0.0.1", "lo")
+    with pytest.raises(ClusterError, match=r"nosuch0 has no IPv4 address on .*\(interfaces here: "):
+        identity("localhost", "nosuch0")
