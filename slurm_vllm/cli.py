@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .errors import JobEnded, SlurmVllmError
+from .errors import JobEnded, SlurmVllmError, UsageError
 from .spec import DEFAULT_JOBS_ROOT
 
 if TYPE_CHECKING:
@@ -51,7 +51,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise SlurmVllmError(f"jobs_root: cannot create {spec.jobs_root_path}: {exc.strerror}") from None
     if args.output:
-        Path(args.output).write_text(text)
+        try:
+            Path(args.output).write_text(text)
+        except OSError as exc:
+            raise UsageError(f"render -o: cannot write {args.output}: {exc.strerror}") from None
         print(f"wrote {args.output}: submit it with: sbatch {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -26,6 +26,12 @@ class PlanError(SlurmVllmError):
     exit_code = 2
 
 
+class UsageError(SlurmVllmError):
+    """A command-line argument is wrong (a file that cannot be written, a missing folder)."""
+
+    exit_code = 2
+
+
 class SubmitError(SlurmVllmError):
     """Slurm refused or failed the submission."""
 

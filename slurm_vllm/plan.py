@@ -100,11 +100,24 @@ def choose_parallel(spec: JobSpec, model_config: dict[str, Any] | None = None) -
     return Parallel(tp, pp)
 
 
+def _model_numbers(config: dict[str, Any]) -> tuple[int | None, int | None, int | None]:
+    """(attention heads, KV heads, layers) from a model's config.json (text_config first, for
+    multimodal models); PlanError when one is there but not a positive whole number."""
+    text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise PlanError(f"model.path: config.json: text_config is {type(text).__name__}, not an object")
+    out: list[int | None] = []
+    for key in ("num_attention_heads", "num_key_value_heads", "num_hidden_layers"):
+        value = text.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise PlanError(f"model.path: config.json: {key} is {value!r}, not a positive whole number")
+        out.append(value)
+    heads, kv_heads, layers = out
+    return heads, kv_heads if kv_heads is not None else heads, layers
+
+
 def _check_model(config: dict[str, Any], tp: int, pp: int, total: int) -> None:
-    text = config.get("text_config", config)
-    heads = text.get("num_attention_heads")
-    kv_heads = text.get("num_key_value_heads", heads)
-    layers = text.get("num_hidden_layers")
+    heads, kv_heads, layers = _model_numbers(config)
     valid = [(t, p) for t, p in factorizations(total)
              if (not heads or heads % t == 0) and (not kv_heads or kv_heads % t == 0 or t % kv_heads == 0)
              and (not layers or layers >= p)]
@@ -121,12 +134,22 @@ def _check_model(config: dict[str, Any], tp: int, pp: int, total: int) -> None:
 
 
 def read_model_config(model_path: str) -> dict[str, Any] | None:
-    """The model's config.json when the login node can read it (else the check is left to vLLM)."""
-    try:
-        data = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
+    """The model's config.json when the login node sees one (None: not here, e.g. only inside the
+    container or on the nodes, and the check is left to vLLM); PlanError when it is there but broken."""
+    path = Path(model_path) / "config.json"
+    if not path.exists():
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        data = json.loads(path.read_bytes())
+    except IsADirectoryError:
+        raise PlanError(f"model.path: {path} is a folder, not the model's config file") from None
+    except OSError as exc:
+        raise PlanError(f"model.path: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise PlanError(f"model.path: {path}: not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"model.path: {path}: a JSON {type(data).__name__}, not the model's config object")
+    return data
 
 
 def _flag(key: str, value: Scalar) -> list[str]:

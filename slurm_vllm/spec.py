@@ -18,6 +18,13 @@ from .errors import SpecError
 Auto = Literal["auto"]
 Scalar = Union[str, int, float, bool]  # noqa: UP007  (a runtime alias used by the loader)
 DEFAULT_JOBS_ROOT = "~/.slurm_vllm/jobs"
+# Bounds that keep a typo from turning into a hang (the plan factors nodes x GPUs) or a monster job.
+MAX_NODES = 4096
+MAX_GPUS_PER_NODE = 64
+MAX_CPUS_PER_TASK = 4096
+MAX_SPEC_BYTES = 1 << 20
+MAX_DEPTH = 16                     # YAML nesting (a spec needs 4)
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Keys of `env` that look like secrets: refused there (they would land in scripts and logs).
 SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY)", re.I)
 
@@ -178,26 +185,33 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _convert(option, value, path)
             except SpecError:
+                if option is str and isinstance(value, str):
+                    raise                  # the right type with a wrong value: say why
                 continue
-        raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise SpecError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise SpecError(f"{path}: expected one of {', '.join(map(str, get_args(tp)))}, got {value!r}")
+        raise SpecError(f"{path}: expected one of {', '.join(map(str, get_args(tp)))}, got {_show(value)}")
     if tp is type(None):
         if value is None:
             return None
-        raise SpecError(f"{path}: expected null, got {value!r}")
+        raise SpecError(f"{path}: expected null, got {_show(value)}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin is dict:
         if not isinstance(value, dict):
-            raise SpecError(f"{path}: expected a mapping, got {value!r}")
+            raise SpecError(f"{path}: expected a mapping, got {_show(value)}")
         _, value_tp = get_args(tp)
+        for k in value:
+            _no_control(str(k), f"{path} key")
         return {str(k): _convert(value_tp, v, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise SpecError(f"{path}: expected a list of strings, got {value!r}")
+            raise SpecError(f"{path}: expected a list of strings, got {_show(value)}")
+        if path != "slurm.setup":          # setup lines are shell by design
+            for i, v in enumerate(value):
+                _no_control(v, f"{path}[{i}]")
         return tuple(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -209,17 +223,29 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return value
     elif tp is str:
+        if isinstance(value, int | float) and not isinstance(value, bool) and path.startswith("env."):
+            value = str(value)             # env: {OMP_NUM_THREADS: 4}
         if isinstance(value, str):
+            _no_control(value, path)
             return value
     else:  # pragma: no cover - a schema bug, not user input
         raise TypeError(f"unsupported spec type {tp!r} at {path}")
-    raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    raise SpecError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _no_control(value: str, path: str) -> None:
+    found = CONTROL.search(value)
+    if found:
+        raise SpecError(f"{path}: control character {found.group()!r} not allowed (only slurm.setup "
+                        f"lines may hold shell)")
 
 
 def _default_text(f: dataclasses.Field[Any]) -> str:
     if f.default is not dataclasses.MISSING:
         return f"{f.name} (default {f.default!r})" if f.default is not None else f"{f.name} (default null)"
     if f.default_factory is not dataclasses.MISSING:
+        if dataclasses.is_dataclass(f.default_factory):
+            return f"{f.name} (a section)"
         return f"{f.name} (default {f.default_factory()!r})"
     return f"{f.name} (required)"
 
@@ -229,7 +255,7 @@ def _build(cls: Any, data: Any, path: str) -> Any:
     if data is None and path:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError(f"{where}: expected a mapping, got {data!r}")
+        raise SpecError(f"{where}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls, globalns=globals())
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -251,14 +277,26 @@ def _check(spec: JobSpec) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", spec.name):
         raise SpecError(f"name: {spec.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     s = spec.slurm
-    if s.nodes < 1:
-        raise SpecError(f"slurm.nodes: must be >= 1, got {s.nodes}")
-    if s.gpus_per_node < 0:
-        raise SpecError(f"slurm.gpus_per_node: must be >= 0, got {s.gpus_per_node}")
-    if s.cpus_per_task is not None and s.cpus_per_task < 1:
-        raise SpecError(f"slurm.cpus_per_task: must be >= 1, got {s.cpus_per_task}")
-    if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", s.time):
-        raise SpecError(f"slurm.time: {s.time!r}: use Slurm's [D-]HH:MM:SS, HH:MM:SS or minutes")
+    if not 1 <= s.nodes <= MAX_NODES:
+        raise SpecError(f"slurm.nodes: must be 1-{MAX_NODES}, got {s.nodes}")
+    if not 0 <= s.gpus_per_node <= MAX_GPUS_PER_NODE:
+        raise SpecError(f"slurm.gpus_per_node: must be 0-{MAX_GPUS_PER_NODE}, got {s.gpus_per_node}")
+    if s.cpus_per_task is not None and not 1 <= s.cpus_per_task <= MAX_CPUS_PER_TASK:
+        raise SpecError(f"slurm.cpus_per_task: must be 1-{MAX_CPUS_PER_TASK}, got {s.cpus_per_task}")
+    if not re.fullmatch(r"UNLIMITED|INFINITE|\d{1,7}(:\d{1,2}){0,2}|\d{1,4}-\d{1,2}(:\d{1,2}){0,2}", s.time):
+        raise SpecError(f"slurm.time: {_show(s.time)}: use Slurm's minutes, [D-]HH:MM:SS, MM:SS, "
+                        f"D-HH or UNLIMITED")
+    if s.mem is not None and not re.fullmatch(r"\d{1,12}[KMGTkmgt]?", s.mem):
+        raise SpecError(f"slurm.mem: {_show(s.mem)}: use Slurm's size, e.g. 0 (all), 500G, 64000M")
+    if not spec.model.path.strip():
+        raise SpecError("model.path: must not be empty")
+    if not spec.jobs_root.strip():
+        raise SpecError("jobs_root: must not be empty")
+    if not spec.jobs_root_path.is_absolute():
+        raise SpecError(f"jobs_root: {_show(spec.jobs_root)} must be an absolute path (or start with ~): "
+                        f"the nodes resolve it in their own working directory")
+    if spec.nccl.ib_gid_index is not None and not 0 <= spec.nccl.ib_gid_index <= 255:
+        raise SpecError(f"nccl.ib_gid_index: must be 0-255, got {spec.nccl.ib_gid_index}")
     for key in ("tensor", "pipeline"):
         value = getattr(spec.parallelism, key)
         if value != "auto" and value < 1:
@@ -277,7 +315,8 @@ def _check(spec: JobSpec) -> None:
                             f"{key}: /path/to/file (read on the node, never written into scripts)")
     for key, value in spec.secret_env.items():
         if not value.startswith(("/", "~", "$")):
-            raise SpecError(f"secret_env.{key}: must be the path of a file holding the value, got {value!r}")
+            raise SpecError(f"secret_env.{key}: must be the path of a file holding the value, "
+                            f"got {_show(value)}")
     for key in list(spec.env) + list(spec.secret_env):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise SpecError(f"env.{key}: not a valid environment variable name")
@@ -298,15 +337,11 @@ def _check(spec: JobSpec) -> None:
             raise SpecError(f"vllm.args.{key}: set by slurm_vllm; use {MANAGED_VLLM_ARGS[canonical]}")
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", key):
             raise SpecError(f"vllm.args.{key}: not a vLLM option name (use snake_case, e.g. max_model_len)")
-    nccl = {f"nccl.{k}": v for k, v in dataclasses.asdict(spec.nccl).items() if isinstance(v, str)}
-    for key, value in {**{f"env.{k}": v for k, v in spec.env.items()}, **nccl}.items():
-        if any(ch in value for ch in "\n\r\0"):
-            raise SpecError(f"{key}: a value may not contain a newline or NUL (it goes into an env file)")
     iface = spec.network.interface
-    if iface is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", iface):
+    if iface is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}", iface):
         raise SpecError(f"network.interface: {iface!r} is not an interface name (e.g. ib0, eth1)")
-    if spec.ready_timeout < 10:
-        raise SpecError(f"ready_timeout: must be >= 10 seconds, got {spec.ready_timeout}")
+    if not 10 <= spec.ready_timeout <= 7 * 86400:
+        raise SpecError(f"ready_timeout: must be 10-604800 seconds, got {spec.ready_timeout}")
 
 
 def _expand(value: Any, path: str) -> Any:
@@ -341,18 +376,70 @@ def parse(data: Any) -> JobSpec:
     return spec
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML for specs: no aliases (an alias bomb expands to gigabytes), no duplicate keys (the last
+    would silently win), nesting at most MAX_DEPTH (no RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise SpecError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                            f"allowed in a spec: write the value out")
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise SpecError(f"line {mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise SpecError(f"line {key_node.start_mark.line + 1}: duplicate key {_show(key)}")
+            seen.add(key if isinstance(key, str | int | float | bool) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """VALUE's repr, cut to LIMIT characters (an error message stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def loads(text: str) -> Any:
+    """Parse spec YAML text with the spec loader; SpecError (line, what) on any problem."""
+    try:
+        return yaml.load(text, Loader=_Loader)   # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise SpecError(f"{where}not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
 def load(path: str | Path) -> JobSpec:
     """Read a YAML job spec; SpecError names the file and the key path of any problem."""
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {len(raw)} bytes: a spec is at most {MAX_SPEC_BYTES} bytes")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}): is it the YAML spec?") from None
+    if "\0" in text:
+        raise SpecError(f"{path}: a NUL byte: not a text file")
+    try:
+        data = loads(text)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     try:
         spec = parse(data)
     except SpecError as exc:

@@ -1,0 +1,266 @@
+"""A corpus of bad specs: each is one short error naming the key, exit 2, no traceback, under a second."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm_vllm import cli
+
+pytestmark = pytest.mark.unit
+
+BASE = {
+    "name": "t",
+    "model": {"path": "/models/m"},
+    "slurm": {"nodes": 2, "gpus_per_node": 4},
+    "jobs_root": "/shared/jobs",
+}
+
+
+def mutate(path: str, value: object) -> dict[str, object]:
+    """BASE with the dotted PATH set to VALUE (sections made as needed)."""
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return data
+
+
+# (the spec's value at a key, what the one-line error must name)
+VALUES: list[tuple[str, object, str]] = [
+    ("name", "", "name:"),
+    ("name", "a b", "name:"),
+    ("name", "x" * 65, "name:"),
+    ("name", "-x", "name:"),
+    ("name", 5, "name:"),
+    ("name", None, "name:"),
+    ("name", "a\nb", "name:"),
+    ("model", "m", "model:"),
+    ("model.path", "", "model.path"),
+    ("model.path", 3, "model.path"),
+    ("model.path", "/m\n/n", "model.path"),
+    ("model.path", "  ", "model.path"),
+    ("model.served_name", ["a"], "model.served_name"),
+    ("model.served_name", "a\x07", "model.served_name"),
+    ("model.extra", 1, "model.extra"),
+    ("slurm", [], "slurm:"),
+    ("slurm.nodes", 0, "slurm.nodes"),
+    ("slurm.nodes", -1, "slurm.nodes"),
+    ("slurm.nodes", 10**12, "slurm.nodes"),
+    ("slurm.nodes", 10**30, "slurm.nodes"),
+    ("slurm.nodes", "2", "slurm.nodes"),
+    ("slurm.nodes", 2.5, "slurm.nodes"),
+    ("slurm.nodes", True, "slurm.nodes"),
+    ("slurm.gpus_per_node", -1, "slurm.gpus_per_node"),
+    ("slurm.gpus_per_node", 65, "slurm.gpus_per_node"),
+    ("slurm.gpus_per_node", "4", "slurm.gpus_per_node"),
+    ("slurm.cpus_per_task", 0, "slurm.cpus_per_task"),
+    ("slurm.cpus_per_task", 10**6, "slurm.cpus_per_task"),
+    ("slurm.mem", "lots", "slurm.mem"),
+    ("slurm.mem", "64 G", "slurm.mem"),
+    ("slurm.mem", "-1", "slurm.mem"),
+    ("slurm.mem", "1P", "slurm.mem"),
+    ("slurm.mem", 64, "slurm.mem"),
+    ("slurm.time", "forever", "slurm.time"),
+    ("slurm.time", "1:2:3:4", "slurm.time"),
+    ("slurm.time", "", "slurm.time"),
+    ("slurm.time", "01:00:00\n", "slurm.time"),
+    ("slurm.time", 60, "slurm.time"),
+    ("slurm.partition", "gpu\ntouch /tmp/PWNED #", "slurm.partition"),
+    ("slurm.partition", 1, "slurm.partition"),
+    ("slurm.account", "a\rb", "slurm.account"),
+    ("slurm.qos", "q\x00", "slurm.qos"),
+    ("slurm.constraint", "c\n", "slurm.constraint"),
+    ("slurm.exclusive", "yes", "slurm.exclusive"),
+    ("slurm.extra_directives", ["mail"], "slurm.extra_directives"),
+    ("slurm.extra_directives", {"output": "/tmp/x"}, "slurm.extra_directives.output"),
+    ("slurm.extra_directives", {"signal": "USR1@5"}, "slurm.extra_directives.signal"),
+    ("slurm.extra_directives", {"time": "1"}, "slurm.extra_directives.time"),
+    ("slurm.extra_directives", {"ntasks": 4}, "slurm.extra_directives.ntasks"),
+    ("slurm.extra_directives", {"mail_type": "END\nX"}, "slurm.extra_directives.mail_type"),
+    ("slurm.extra_directives", {"mail\ntype": "END"}, "slurm.extra_directives"),
+    ("slurm.extra_directives", {"x": [1]}, "slurm.extra_directives.x"),
+    ("slurm.setup", "module load x", "slurm.setup"),
+    ("slurm.setup", [1], "slurm.setup"),
+    ("slurm.python", 3, "slurm.python"),
+    ("slurm.python", "/py\n", "slurm.python"),
+    ("slurm.template", ["t"], "slurm.template"),
+    ("slurm.template", "/nonexistent/t.j2", "slurm.template"),
+    ("slurm.nodez", 2, "slurm.nodez"),
+    ("parallelism.tensor", 0, "parallelism.tensor"),
+    ("parallelism.tensor", "two", "parallelism.tensor"),
+    ("parallelism.tensor", 3, "parallelism.tensor"),
+    ("parallelism.pipeline", -2, "parallelism.pipeline"),
+    ("parallelism.pipeline", 3, "parallelism.tensor"),
+    ("parallelism.data", 2, "parallelism.data"),
+    ("container.runtime", "singularity", "container.runtime"),
+    ("container.runtime", "docker", "container.image"),
+    ("container.image", 3, "container.image"),
+    ("container.image", "img\n", "container.image"),
+    ("container.binds", "/a:/a", "container.binds"),
+    ("container.binds", ["/a"], "container.binds[0]"),
+    ("container.binds", [":/a"], "container.binds[0]"),
+    ("container.binds", ["/a:/a:rx"], "container.binds[0]"),
+    ("container.binds", ["/a:/a\n"], "container.binds[0]"),
+    ("container.options", "--rm", "container.options"),
+    ("container.options", ["-v\n"], "container.options[0]"),
+    ("container.gpus", "all", "container.gpus"),
+    ("network.interface", "-x", "network.interface"),
+    ("network.interface", "eth0 eth1", "network.interface"),
+    ("network.interface", "averyveryverylongname", "network.interface"),
+    ("network.interface", 0, "network.interface"),
+    ("nccl.ib_hca", "mlx5\n", "nccl.ib_hca"),
+    ("nccl.ib_gid_index", -5, "nccl.ib_gid_index"),
+    ("nccl.ib_gid_index", 300, "nccl.ib_gid_index"),
+    ("nccl.debug", "LOUD", "nccl.debug"),
+    ("env", ["A=1"], "env:"),
+    ("env", {"HF_TOKEN": "x"}, "env.HF_TOKEN"),
+    ("env", {"1A": "x"}, "env.1A"),
+    ("env", {"A-B": "x"}, "env.A-B"),
+    ("env", {"A": "x\ny"}, "env.A"),
+    ("env", {"A": [1]}, "env.A"),
+    ("env", {"A": True}, "env.A"),
+    ("secret_env", {"HF_TOKEN": "hf_abc"}, "secret_env.HF_TOKEN"),
+    ("secret_env", {"T": 5}, "secret_env.T"),
+    ("vllm.args", {"tensor_parallel_size": 2}, "vllm.args.tensor_parallel_size"),
+    ("vllm.args", {"api_key": "k"}, "vllm.args.api_key"),
+    ("vllm.args", {"host": "0.0.0.0"}, "vllm.args.host"),
+    ("vllm.args", {"Max Len": 1}, "vllm.args.Max Len"),
+    ("vllm.args", {"x": [1]}, "vllm.args.x"),
+    ("vllm.args", {"x": "a\nb"}, "vllm.args.x"),
+    ("vllm.port", 80, "vllm.port"),
+    ("vllm.port", 70000, "vllm.port"),
+    ("vllm.port", "auto8", "vllm.port"),
+    ("vllm.api_key", "sk-123", "vllm.api_key"),
+    ("ray.port", 0, "ray.port"),
+    ("ray.extra", 1, "ray.extra"),
+    ("jobs_root", "", "jobs_root"),
+    ("jobs_root", "jobs", "jobs_root"),
+    ("jobs_root", 3, "jobs_root"),
+    ("jobs_root", "/j\n", "jobs_root"),
+    ("ready_timeout", 1, "ready_timeout"),
+    ("ready_timeout", 10**9, "ready_timeout"),
+    ("ready_timeout", "1h", "ready_timeout"),
+    ("preflight", "yes", "preflight"),
+    ("mode", "batch", "mode"),
+]
+
+TEXTS: list[tuple[str, bytes, str]] = [
+    ("not-utf8", b"name: t\nmodel: {path: /m}\nx: \xff\xfe\n", "not UTF-8"),
+    ("binary", b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), "not UTF-8"),
+    ("nul", b"name: t\x00\n", "NUL"),
+    ("deep", ("x: " + "[" * 3000 + "]" * 3000 + "\n").encode(), "nested more than"),
+    (
+        "alias-bomb",
+        (
+            "a: &a [1,1,1,1,1,1,1,1,1,1]\n"
+            + "".join(
+                f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n"
+                for p, c in zip("abcdefg", "bcdefgh", strict=True)
+            )
+        ).encode(),
+        "aliases",
+    ),
+    ("duplicate", b"name: t\nmodel: {path: /m}\nname: u\n", "duplicate key 'name'"),
+    ("duplicate-nested", b"name: t\nmodel: {path: /m, path: /n}\n", "duplicate key 'path'"),
+    ("not-yaml", b"name: t\n  model: : :\n", "not valid YAML"),
+    ("list", b"- name: t\n", "expected a mapping"),
+    ("empty", b"", "expected a mapping"),
+    ("huge", b"name: t\n" + b"#" * (2 << 20), "bytes: a spec is at most"),
+    ("tab-indent", b"name: t\nmodel:\n\tpath: /m\n", "not valid YAML"),
+]
+
+
+def run_validate(spec: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    code = cli.main(["validate", str(spec)])
+    elapsed = time.monotonic() - t0
+    return code, capsys.readouterr().err, elapsed
+
+
+def check(code: int, err: str, elapsed: float, names: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err and 1 <= len(err.splitlines()) <= 3, err
+    assert names in err, err
+    assert len(err) < 600, err
+    assert elapsed < 1.0, f"{elapsed:.2f} s"
+
+
+def test_the_corpus_is_large() -> None:
+    assert len(VALUES) + len(TEXTS) >= 100
+
+
+@pytest.mark.parametrize(("key", "value", "names"), VALUES, ids=[f"{k}={v!r}"[:50] for k, v, _ in VALUES])
+def test_bad_value(
+    key: str, value: object, names: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(mutate(key, value)))
+    check(*run_validate(spec, capsys), names)
+
+
+@pytest.mark.parametrize(("label", "text", "names"), TEXTS, ids=[t[0] for t in TEXTS])
+def test_bad_file(
+    label: str, text: bytes, names: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_bytes(text)
+    check(*run_validate(spec, capsys), names)
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        ('{"num_attention_heads": "32"}', "num_attention_heads is '32'"),
+        ('{"text_config": null, "num_hidden_layers": "x"}', "num_hidden_layers is 'x'"),
+        ('{"text_config": [1]}', "text_config is list"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "a JSON list"),
+        (None, "is a folder"),
+    ],
+)
+def test_a_broken_model_config_is_named(
+    config: str | None, names: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    if config is None:
+        (model / "config.json").mkdir()
+    else:
+        (model / "config.json").write_text(config)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({**BASE, "model": {"path": str(model)}}))
+    check(*run_validate(spec, capsys), names)
+
+
+def test_render_into_a_missing_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({**BASE, "jobs_root": str(tmp_path / "jobs")}))
+    code = cli.main(["render", str(spec), "-o", str(tmp_path / "missing" / "x.sbatch")])
+    check(code, capsys.readouterr().err, 0.0, "render -o: cannot write")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("slurm.time", "UNLIMITED"),
+        ("slurm.time", "10080"),
+        ("slurm.time", "7-00:00:00"),
+        ("slurm.time", "30:00"),
+        ("slurm.time", "2-12"),
+        ("env", {"OMP_NUM_THREADS": 4, "RATIO": 0.5}),
+        ("slurm.mem", "500G"),
+        ("slurm.mem", "0"),
+    ],
+)
+def test_valid_input_slurm_accepts_is_accepted(
+    key: str, value: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "ok.yaml"
+    spec.write_text(yaml.safe_dump(mutate(key, value)))
+    assert cli.main(["validate", str(spec)]) == 0, capsys.readouterr().err
