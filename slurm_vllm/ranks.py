@@ -53,6 +53,7 @@ class Rank:
         self.stop_reason = ""
         self.children: list[proc.Child] = []
         self.runtime: Runtime | None = None
+        self.env: dict[str, str] = {}       # Ray's and vLLM's environment on this node, built once
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -161,7 +162,8 @@ class Rank:
         return choose_ports(self.plan, self.job.job_id, port_free, socket.gethostname())
 
     def make_runtime(self, ident: Identity, ports: Ports) -> Runtime:
-        env_file = self.write_env_file(f"rank-{self.rank}", self.environment(ident, ports))
+        self.env = self.environment(ident, ports)
+        env_file = self.write_env_file(f"rank-{self.rank}", self.env)
         binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}")
         name = f"slurm-vllm-{self.job.job_id}-{self.rank}"
         return Runtime(self.spec.container, name, env_file, binds, self.job.gpus,
@@ -222,8 +224,7 @@ class Head(Rank):
         config_root = self.jd.env_dir / "vllm-config"
         config_root.mkdir(exist_ok=True)
         atomic_write(config_root / NON_CARRY_OVER, json.dumps(["VLLM_API_KEY"]) + "\n")
-        server_env = self.write_env_file("vllm-0", server_environment(self.environment(ident, ports), key,
-                                                                       config_root))
+        server_env = self.write_env_file("vllm-0", server_environment(self.env, key, config_root))
         argv = vllm_argv(self.plan, ident.ip, ports.api)
         self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
         url = f"http://{ident.ip}:{ports.api}"
