@@ -20,9 +20,10 @@ from pathlib import Path
 
 from . import index
 from .errors import JobEnded, SlurmVllmError, WaitTimeout
+from .index import IndexEntry
 from .jobdir import JobDir, find
 from .plan import Plan
-from .records import Endpoint, IndexEntry, Stage, StageInfo
+from .records import Endpoint, Stage, StageInfo
 from .spec import DEFAULT_JOBS_ROOT, JobSpec
 
 # Progress order of the stages that are not final (a wait for LOADING is over at READY too).
@@ -198,11 +199,7 @@ def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job:
 
 
 def _from_entry(entry: IndexEntry) -> Job:
-    jd = JobDir(Path(entry.job_dir))
-    plan = None if jd.plan.exists() else Plan(
-        name=entry.name, nodes=entry.nodes, gpus_per_node=0, tp=entry.tp, pp=entry.pp, served_name="",
-        model_path="", vllm_args=(), gcs_port=None, api_port=None, ready_timeout=0, api_key=False)
-    return Job(jd, job_id=entry.job_id, plan=plan)
+    return Job(JobDir(Path(entry.job_dir)), job_id=entry.job_id, plan=entry.plan)
 
 
 def job(ref: str, jobs_root: Path | str | None = None) -> Job:

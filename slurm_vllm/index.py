@@ -1,7 +1,7 @@
 """This user's index of Slurm job ids → job folders, so a job id works whatever jobs_root the spec used.
 
 `~/.slurm_vllm/index/<job id>.json` (or under $SLURM_VLLM_INDEX) is an IndexEntry: the job folder,
-which exists once the job starts, and the plan's shape, so that `list` can show a pending job. It is
+which exists once the job starts, and the job's plan, so that `list` can show a pending job. It is
 written by `submit` on the login node and by the `init` step of a rendered script. Job ids are unique
 per cluster; after a cluster's ids restart, the newest job wins.
 """
@@ -11,11 +11,24 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .errors import JobFolderError
 from .plan import Plan
-from .records import IndexEntry
+from .records import Record
+
+
+@dataclass(frozen=True)
+class IndexEntry(Record):
+    """`<index>/<job id>.json`: where a job's folder is (or will be, while it is pending), and its plan."""
+
+    KIND: ClassVar[str] = "index_entry"
+    job_id: str
+    job_dir: str
+    plan: Plan
+    submitted: float
 
 
 def root() -> Path:
@@ -28,7 +41,7 @@ def record(job_id: str, folder: Path, plan: Plan) -> None:
     from .jobdir import atomic_write
 
     base = root()
-    entry = IndexEntry(job_id, str(folder.resolve()), plan.name, plan.nodes, plan.tp, plan.pp, time.time())
+    entry = IndexEntry(job_id, str(folder.resolve()), plan, time.time())
     try:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(base / f"{job_id}.json", entry.to_json(), mode=0o600)

@@ -247,17 +247,3 @@ class RankFailure(Record):
 
     def __str__(self) -> str:
         return f"rank {self.rank} on {self.host}: {self.detail}"
-
-
-@dataclass(frozen=True)
-class IndexEntry(Record):
-    """`~/.slurm_vllm/index/<job id>.json`: where a job's folder is (or will be, while it is pending)."""
-
-    KIND: ClassVar[str] = "index_entry"
-    job_id: str
-    job_dir: str
-    name: str
-    nodes: int
-    tp: int
-    pp: int
-    submitted: float
