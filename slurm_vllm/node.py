@@ -66,7 +66,7 @@ def init(job_dir: str, script: str | None, embedded: str) -> None:
     from .render import split_embedded
 
     spec_yaml, plan_json = split_embedded(embedded)
-    spec = spec_mod.parse(yaml.safe_load(spec_yaml))
+    spec = spec_mod.parse(yaml.safe_load(spec_yaml), expand=False)
     plan = Plan.from_json(plan_json, "the plan embedded in the job script")
     jd = JobDir(Path(job_dir))
     jd.create(spec_mod.dump(spec), plan.to_json(), api_key=plan.api_key)

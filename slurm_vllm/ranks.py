@@ -45,7 +45,7 @@ class Rank:
     def __init__(self, jd: JobDir, job: JobEnv) -> None:
         self.jd = jd
         self.plan = Plan.read(jd.plan)
-        self.spec: JobSpec = spec_mod.parse(yaml.safe_load(jd.spec.read_text()))
+        self.spec: JobSpec = spec_mod.parse(yaml.safe_load(jd.spec.read_text()), expand=False)
         self.job = job
         self.rank = job.rank
         self.started = time.monotonic()
@@ -92,7 +92,7 @@ class Rank:
         out = {}
         for key, path in self.spec.secret_env.items():
             try:
-                out[key] = read_secret(Path(os.path.expandvars(path)).expanduser())
+                out[key] = read_secret(Path(path).expanduser())
             except OSError as exc:
                 raise ClusterError(f"secret_env.{key}: cannot read {path} on {socket.gethostname()}: "
                                    f"{exc.strerror}") from exc

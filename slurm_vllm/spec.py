@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import types
@@ -25,8 +26,27 @@ MAX_CPUS_PER_TASK = 4096
 MAX_SPEC_BYTES = 1 << 20
 MAX_DEPTH = 16                     # YAML nesting (a spec needs 4)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Keys of `env` that look like secrets: refused there (they would land in scripts and logs).
-SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY)", re.I)
+# Names of `env` variables that hold secrets, by their words (HF_TOKEN, AWS_ACCESS_KEY_ID, DB_PASS):
+# refused there (env values land in spec.yaml and job.sbatch) and sent to secret_env.
+SECRET_LAST_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASS", "PASSPHRASE", "KEY", "APIKEY", "PAT",
+                     "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "COOKIE"}
+SECRET_PAIRS = {("ACCESS", "KEY"), ("SECRET", "KEY"), ("PRIVATE", "KEY"), ("API", "KEY"),
+                ("CONNECTION", "STRING"), ("SESSION", "TOKEN")}
+SECRET_URL_OWNERS = {"DATABASE", "DB", "POSTGRES", "POSTGRESQL", "MYSQL", "REDIS", "MONGO", "MONGODB", "AMQP",
+                     "BROKER", "SQLALCHEMY"}
+SWITCH_WORDS = {"DISABLE", "ENABLE", "NO", "USE", "SKIP", "ALLOW"}     # HF_HUB_DISABLE_IMPLICIT_TOKEN
+
+
+def looks_secret(name: str) -> bool:
+    """Does the environment variable NAME hold a secret? Decided by its words, not substrings:
+    HF_TOKEN, OPENAI_KEY, AWS_ACCESS_KEY_ID, DATABASE_URL are; TOKENIZERS_PARALLELISM, MAX_TOKENS,
+    HF_TOKEN_PATH, HF_HUB_DISABLE_IMPLICIT_TOKEN are not."""
+    words = [w for w in name.upper().split("_") if w]
+    if not words or SWITCH_WORDS & set(words):
+        return False
+    if words[-1] in SECRET_LAST_WORDS or any(p in SECRET_PAIRS for p in itertools.pairwise(words)):
+        return True
+    return words[-1] in ("URL", "URI", "DSN") and bool(SECRET_URL_OWNERS & set(words[:-1]))
 
 # vllm.args keys that slurm_vllm sets itself (the plan decides them, or they carry secrets).
 MANAGED_VLLM_ARGS = {
@@ -34,6 +54,8 @@ MANAGED_VLLM_ARGS = {
     "tensor_parallel_size": "parallelism.tensor", "pipeline_parallel_size": "parallelism.pipeline",
     "distributed_executor_backend": "(always ray)", "host": "(the node's address)",
     "port": "vllm.port", "api_key": "vllm.api_key (the key reaches vLLM through a 0600 env file)",
+    "hf_token": "secret_env: {HF_TOKEN: /path/to/file} (a flag's value is seen by ps and kept in job.sbatch)",
+    "config": "vllm.args (a config file could set the options slurm_vllm manages)",
 }
 
 # sbatch flags slurm_vllm sets itself; slurm.extra_directives may not set them.
@@ -46,7 +68,27 @@ MANAGED_DIRECTIVES = {
     "output": "(logs live in jobs_root and the job folder)", "error": "(logs live in the job folder)",
     "signal": "(slurm_vllm handles the time limit)", "array": "(one server per job)",
     "wrap": "(the script is slurm_vllm's)", "open-mode": "(set by slurm_vllm)",
+    "export": "env / secret_env (the job's environment)", "export-file": "env / secret_env",
+    "parsable": "(set by slurm_vllm's submit)", "wait": "(submit returns; use `wait`)",
+    "help": "(not a job option)", "usage": "(not a job option)", "version": "(not a job option)",
 }
+# sbatch's long options (Slurm 22.05, `sbatch --help`): a key that only abbreviates one of them is
+# refused, since sbatch's getopt would take it for that option; other unknown names pass to sbatch.
+_SBATCH_HELP = """
+account array bb bbf begin chdir cluster-constraint clusters comment constraint container contiguous
+core-spec cores-per-socket cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot dependency
+distribution error exclude exclusive export export-file extra-node-info get-user-env gid gpu-bind
+gpu-freq gpus gpus-per-node gpus-per-socket gpus-per-task gres gres-flags help hold ignore-pbs input
+job-name licenses mail-type mail-user mcs-label mem mem-per-cpu mem-per-gpu mincpus nice no-kill
+no-requeue nodefile nodelist nodes ntasks ntasks-per-core ntasks-per-node ntasks-per-socket output
+overcommit oversubscribe parsable partition power priority profile propagate qos quiet reboot requeue
+reservation signal sockets-per-node spread-job switches thread-spec threads-per-core time time-min tmp
+uid usage use-min-nodes verbose version wait wckey wrap open-mode
+"""
+SBATCH_OPTIONS = frozenset(_SBATCH_HELP.split())
+# container.options that set the container's environment: the job's environment is env / secret_env
+# (a value in options would be on the command line, in spec.yaml and in `docker inspect`).
+ENV_OPTIONS = ("-e", "--env", "--env-file", "--secret", "--environment")
 
 
 @dataclass(frozen=True)
@@ -158,7 +200,7 @@ class JobSpec:
 
     @property
     def jobs_root_path(self) -> Path:
-        return Path(os.path.expandvars(self.jobs_root)).expanduser()
+        return Path(self.jobs_root).expanduser()
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -310,13 +352,13 @@ def _check(spec: JobSpec) -> None:
         if len(parts) not in (2, 3) or not all(parts[:2]) or bad_mode:
             raise SpecError(f"container.binds[{i}]: {bind!r}: use host:container or host:container:ro")
     for key in spec.env:
-        if SECRET_NAME.search(key):
+        if looks_secret(key):
             raise SpecError(f"env.{key}: looks like a secret; put it in secret_env as "
                             f"{key}: /path/to/file (read on the node, never written into scripts)")
     for key, value in spec.secret_env.items():
-        if not value.startswith(("/", "~", "$")):
-            raise SpecError(f"secret_env.{key}: must be the path of a file holding the value, "
-                            f"got {_show(value)}")
+        if not value.startswith(("/", "~")):
+            raise SpecError(f"secret_env.{key}: must be the absolute path of a file holding the value "
+                            f"(or start with ~), got {_show(value)}")
     for key in list(spec.env) + list(spec.secret_env):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise SpecError(f"env.{key}: not a valid environment variable name")
@@ -327,21 +369,77 @@ def _check(spec: JobSpec) -> None:
                 raise SpecError(f"{'vllm' if section is spec.vllm else 'ray'}.port: must be 1024-65535 "
                                 f"or auto, got {value}")
     for key in spec.slurm.extra_directives:
-        flag = key.replace("_", "-").lstrip("-")
-        if flag in MANAGED_DIRECTIVES:
-            raise SpecError(f"slurm.extra_directives.{key}: managed by slurm_vllm; "
-                            f"use {MANAGED_DIRECTIVES[flag]}")
+        _check_directive(key)
     for key in spec.vllm.args:
-        canonical = key.replace("-", "_")
-        if canonical in MANAGED_VLLM_ARGS:
-            raise SpecError(f"vllm.args.{key}: set by slurm_vllm; use {MANAGED_VLLM_ARGS[canonical]}")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", key):
-            raise SpecError(f"vllm.args.{key}: not a vLLM option name (use snake_case, e.g. max_model_len)")
+        _check_vllm_arg(key)
+    _check_argv_values(spec)
+    if c.runtime != "none" and re.search(r"[:,]", str(spec.jobs_root_path)):
+        raise SpecError(f"jobs_root: {_show(spec.jobs_root)}: ':' and ',' are not allowed with a container "
+                        f"runtime (they separate the parts of a bind)")
+    for i, bind in enumerate(c.binds):
+        if "," in bind:
+            raise SpecError(f"container.binds[{i}]: {bind!r}: one bind per entry (no ',')")
+    for i, option in enumerate(c.options):
+        name = option.split("=", 1)[0]
+        if name in ENV_OPTIONS or re.fullmatch(r"-e\S+", option):
+            raise SpecError(f"container.options[{i}]: {_show(option)}: the container's environment comes "
+                            f"from env (values) and secret_env (files), never from the command line")
+        if name == "--name":
+            raise SpecError(f"container.options[{i}]: --name is set by slurm_vllm (cleanup finds the "
+                            f"containers by it)")
     iface = spec.network.interface
     if iface is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}", iface):
         raise SpecError(f"network.interface: {iface!r} is not an interface name (e.g. ib0, eth1)")
     if not 10 <= spec.ready_timeout <= 7 * 86400:
         raise SpecError(f"ready_timeout: must be 10-604800 seconds, got {spec.ready_timeout}")
+
+
+def _check_directive(key: str) -> None:
+    """An extra_directives key: a full sbatch option name that slurm_vllm does not manage."""
+    flag = key.replace("_", "-").removeprefix("--")
+    where = f"slurm.extra_directives.{key}"
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", flag):
+        raise SpecError(f"{where}: not an sbatch option name (e.g. gres, mail-type, reservation)")
+    if flag in MANAGED_DIRECTIVES:
+        raise SpecError(f"{where}: managed by slurm_vllm; use {MANAGED_DIRECTIVES[flag]}")
+    if flag not in SBATCH_OPTIONS:
+        longer = sorted(o for o in SBATCH_OPTIONS if o.startswith(flag))
+        if longer:
+            managed = [o for o in longer if o in MANAGED_DIRECTIVES]
+            why = (f", which is managed by slurm_vllm (use {MANAGED_DIRECTIVES[managed[0]]})"
+                   if managed else "")
+            raise SpecError(f"{where}: sbatch reads an abbreviation as --{longer[0]}{why}; write the "
+                            f"full option name")
+
+
+def _check_vllm_arg(key: str) -> None:
+    """A vllm.args key: a vLLM option name that is not managed, not secret, not an abbreviation of
+    a managed one (vLLM's argparse expands `api-k` to --api-key)."""
+    where = f"vllm.args.{key}"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", key):
+        raise SpecError(f"{where}: not a vLLM option name (use snake_case, e.g. max_model_len)")
+    canonical = key.replace("-", "_")
+    if canonical in MANAGED_VLLM_ARGS:
+        raise SpecError(f"{where}: set by slurm_vllm; use {MANAGED_VLLM_ARGS[canonical]}")
+    longer = sorted(m for m in MANAGED_VLLM_ARGS if m.startswith(canonical))
+    if longer:
+        raise SpecError(f"{where}: vLLM reads an abbreviation as --{longer[0].replace('_', '-')}, which "
+                        f"slurm_vllm sets; use {MANAGED_VLLM_ARGS[longer[0]]}")
+    if looks_secret(canonical):
+        raise SpecError(f"{where}: a secret on vLLM's command line (seen by ps, kept in job.sbatch); "
+                        f"use secret_env with the variable vLLM reads")
+
+
+def _check_argv_values(spec: JobSpec) -> None:
+    """Values that land in an argv position alone may not start with '-' (they would be options)."""
+    values: dict[str, Scalar | None] = {
+        "model.path": spec.model.path, "model.served_name": spec.model.served_name,
+        "container.image": spec.container.image, "slurm.python": spec.slurm.python,
+        **{f"container.binds[{i}]": bind for i, bind in enumerate(spec.container.binds)},
+        **{f"vllm.args.{key}": arg for key, arg in spec.vllm.args.items()}}
+    for where, value in values.items():
+        if isinstance(value, str) and value.startswith("-"):
+            raise SpecError(f"{where}: {_show(value)} may not start with '-' (it would be read as an option)")
 
 
 def _expand(value: Any, path: str) -> Any:
@@ -361,17 +459,27 @@ def _expand(value: Any, path: str) -> Any:
         return out
     if isinstance(value, str) and "${" in value:
         def var(match: re.Match[str]) -> str:
+            if match.group() == "$${":
+                return "${"               # the escape: a literal ${
             name = match.group(1)
+            if name is None:
+                raise SpecError(f"{path.lstrip('.')}: '${{' must start ${{NAME}}; "
+                                f"write $${{ for a literal ${{")
             if name not in os.environ:
                 raise SpecError(f"{path.lstrip('.')}: ${{{name}}} is not set in the environment")
             return os.environ[name]
-        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", var, value)
+        return EXPANSION.sub(var, value)
     return value
 
 
-def parse(data: Any) -> JobSpec:
-    """Build and check a JobSpec from already-parsed YAML data (${NAME} expanded first)."""
-    spec: JobSpec = _build(JobSpec, _expand(data, ""), "")
+# ${NAME} → the login node's environment, once; $${ is a literal ${ (never expanded again).
+EXPANSION = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)\})?")
+
+
+def parse(data: Any, expand: bool = True) -> JobSpec:
+    """Build and check a JobSpec from already-parsed YAML data: a user's spec (${NAME} expanded
+    first), or with EXPAND false one already resolved (spec.yaml, the script's embedded spec)."""
+    spec: JobSpec = _build(JobSpec, _expand(data, "") if expand else data, "")
     _check(spec)
     return spec
 

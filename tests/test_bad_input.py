@@ -148,6 +148,52 @@ VALUES: list[tuple[str, object, str]] = [
     ("ready_timeout", "1h", "ready_timeout"),
     ("preflight", "yes", "preflight"),
     ("mode", "batch", "mode"),
+    # §1: option prefixes, argv positions, managed and secret-bearing flags
+    ("slurm.extra_directives", {"output=/tmp/x": True}, "slurm.extra_directives.output=/tmp/x"),
+    ("slurm.extra_directives", {"sig": "USR1@5"}, "as --signal, which is managed"),
+    ("slurm.extra_directives", {"part": "debug"}, "as --partition, which is managed"),
+    ("slurm.extra_directives", {"out": "/tmp/x"}, "as --output, which is managed"),
+    ("slurm.extra_directives", {"gre": "gpu:1"}, "as --gres"),
+    ("slurm.extra_directives", {"export": "ALL,HF_TOKEN=x"}, "slurm.extra_directives.export"),
+    ("slurm.extra_directives", {"wait": True}, "slurm.extra_directives.wait"),
+    ("slurm.extra_directives", {"Gres": "gpu:1"}, "slurm.extra_directives.Gres"),
+    ("slurm.extra_directives", {"gres gpu": 1}, "slurm.extra_directives.gres gpu"),
+    ("vllm.args", {"api-k": "k"}, "as --api-key"),
+    ("vllm.args", {"hos": "0.0.0.0"}, "as --host"),
+    ("vllm.args", {"config": "/x.yaml"}, "vllm.args.config"),
+    ("vllm.args", {"hf_token": "hf_x"}, "secret_env"),
+    ("vllm.args", {"hf-tok": "hf_x"}, "as --hf-token"),
+    ("vllm.args", {"served": "x"}, "as --served-model-name"),
+    ("vllm.args", {"tensor_parallel": 2}, "as --tensor-parallel-size"),
+    ("vllm.args", {"aws_secret_access_key": "x"}, "a secret on vLLM's command line"),
+    ("vllm.args", {"chat_template": "--x"}, "vllm.args.chat_template"),
+    ("container.image", "--privileged", "container.image"),
+    ("model.path", "--trust-remote-code", "model.path"),
+    ("model.served_name", "--api-key", "model.served_name"),
+    ("slurm.python", "-c", "slurm.python"),
+    ("container.binds", ["/a:/a,/b:/b"], "container.binds[0]"),
+    ("container.options", ["-e", "HF_TOKEN=x"], "container.options[0]"),
+    ("container.options", ["--env=HF_TOKEN=x"], "container.options[0]"),
+    ("container.options", ["-eHF_TOKEN=x"], "container.options[0]"),
+    ("container.options", ["--env-file", "/x"], "container.options[0]"),
+    ("container.options", ["--name", "x"], "container.options[0]"),
+    # §2: secrets by the words of the name
+    ("env", {"AWS_ACCESS_KEY_ID": "x"}, "env.AWS_ACCESS_KEY_ID"),
+    ("env", {"S3_ACCESS_KEY": "x"}, "env.S3_ACCESS_KEY"),
+    ("env", {"OPENAI_KEY": "x"}, "env.OPENAI_KEY"),
+    ("env", {"PRIVATE_KEY": "x"}, "env.PRIVATE_KEY"),
+    ("env", {"GITHUB_PAT": "x"}, "env.GITHUB_PAT"),
+    ("env", {"DB_PASS": "x"}, "env.DB_PASS"),
+    ("env", {"DATABASE_URL": "x"}, "env.DATABASE_URL"),
+    ("env", {"CREDENTIALS": "x"}, "env.CREDENTIALS"),
+    ("env", {"AZURE_STORAGE_CONNECTION_STRING": "x"}, "env.AZURE_STORAGE_CONNECTION_STRING"),
+    ("env", {"WANDB_API_KEY": "x"}, "env.WANDB_API_KEY"),
+    ("secret_env", {"HF_TOKEN": "$HOME/t"}, "secret_env.HF_TOKEN"),
+    # ${} and paths
+    ("jobs_root", "$HOME/jobs", "jobs_root"),
+    ("model.path", "/m/${", "model.path"),
+    ("model.path", "/m/${1}", "model.path"),
+    ("model.path", "/m/${SLURM_VLLM_SURELY_UNSET_VAR}", "SLURM_VLLM_SURELY_UNSET_VAR"),
 ]
 
 TEXTS: list[tuple[str, bytes, str]] = [
@@ -256,6 +302,13 @@ def test_render_into_a_missing_folder_is_one_line(tmp_path: Path, capsys: pytest
         ("env", {"OMP_NUM_THREADS": 4, "RATIO": 0.5}),
         ("slurm.mem", "500G"),
         ("slurm.mem", "0"),
+        ("env", {"TOKENIZERS_PARALLELISM": "false", "MAX_TOKENS": 5, "HF_TOKEN_PATH": "/t",
+                 "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "NCCL_IB_PKEY": "0", "SSH_AUTH_SOCK": "/s"}),
+        ("slurm.extra_directives", {"gres": "gpu:4", "mail_type": "END", "--reservation": "r",
+                                    "some-future-option": "x", "mem-per-gpu": "10G"}),
+        ("vllm.args", {"max_model_len": 256, "max_num_batched_tokens": 512, "model_impl": "auto",
+                       "config_format": "hf", "port_x": 1}),
+        ("container.options", ["--shm-size=1g", "--cap-add", "SYS_NICE"]),
     ],
 )
 def test_valid_input_slurm_accepts_is_accepted(
@@ -264,3 +317,20 @@ def test_valid_input_slurm_accepts_is_accepted(
     spec = tmp_path / "ok.yaml"
     spec.write_text(yaml.safe_dump(mutate(key, value)))
     assert cli.main(["validate", str(spec)]) == 0, capsys.readouterr().err
+
+
+def test_expansion_happens_once_with_an_escape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """${NAME} is the login node's value; $${ is a literal ${ that no later step expands (the
+    node's init reads the resolved spec with expand=False)."""
+    from slurm_vllm import spec as spec_mod
+
+    monkeypatch.setenv("SLURM_VLLM_T_MODEL", "/models/m")
+    monkeypatch.setenv("SLURM_VLLM_T_SECRET", "s3cr3t")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "model": {"path": "${SLURM_VLLM_T_MODEL}"},
+                                    "env": {"LITERAL": "a$${SLURM_VLLM_T_SECRET}b", "DOLLAR": "$x $$y"}}))
+    job = spec_mod.load(path)
+    assert job.model.path == "/models/m"
+    assert job.env == {"LITERAL": "a${SLURM_VLLM_T_SECRET}b", "DOLLAR": "$x $$y"}
+    again = spec_mod.parse(yaml.safe_load(spec_mod.dump(job)), expand=False)
+    assert again == job and "s3cr3t" not in spec_mod.dump(again)

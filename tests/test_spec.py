@@ -36,7 +36,7 @@ def test_defaults() -> None:
     ({"container": {"runtime": "docker"}}, "container.image: required when container.runtime is docker"),
     ({"container": {"binds": ["/a"]}}, "container.binds[0]: '/a': use host:container or host:container:ro"),
     ({"env": {"HF_TOKEN": "hf_x"}}, "env.HF_TOKEN: looks like a secret; put it in secret_env"),
-    ({"secret_env": {"HF_TOKEN": "hf_x"}}, "secret_env.HF_TOKEN: must be the path of a file"),
+    ({"secret_env": {"HF_TOKEN": "hf_x"}}, "secret_env.HF_TOKEN: must be the absolute path of a file"),
     ({"slurm": {"time": "1 hour"}}, "slurm.time: '1 hour': use Slurm's"),
     ({"vllm": {"port": 80}}, "vllm.port: must be 1024-65535 or auto"),
     ({"model": {}}, "model.path: required key is missing"),
