@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import index
-from .errors import JobEnded, SlurmVllmError, WaitTimeout
+from .errors import JobEnded, JobFolderError, SlurmVllmError, WaitTimeout
 from .index import IndexEntry
 from .jobdir import JobDir, find
 from .plan import Plan
@@ -97,9 +97,16 @@ class Job:
     def __repr__(self) -> str:
         return f"Job({self.job_id!r}, {str(self.dir.path)!r})"
 
+    def _checked(self) -> JobDir:
+        """The folder, verified (this user's, not writable by others) whenever it exists: a pending
+        job's folder does not yet, and in a shared jobs_root someone else may plant one."""
+        if self.dir.path.exists() or self.dir.path.is_symlink():
+            self.dir.verified()
+        return self.dir
+
     @property
     def job_id(self) -> str | None:
-        return self.dir.job_id() or self._job_id
+        return self._checked().job_id() or self._job_id
 
     @property
     def path(self) -> Path:
@@ -108,18 +115,35 @@ class Job:
     def plan(self) -> Plan:
         if self._plan is not None:
             return self._plan
-        if not self.dir.plan.exists():
+        if not self._checked().plan.exists():
             raise SlurmVllmError(f"job {self.job_id}: no job folder yet at {self.dir.path} (not started)")
         return Plan.read(self.dir.plan)
 
     def status(self) -> Status:
         from .slurm import job_state
 
-        info = self.dir.read_stage()
+        info = self._checked().read_stage()
         job_id = self.job_id
         state = job_state(job_id) if job_id else None
         stage, detail = reconcile(info, state)
+        if job_id and stage.final and info.stage == Stage.PENDING and stage != Stage.CANCELLED:
+            detail = self.unstarted(job_id)
         return Status(job_id, self.dir.path, stage, detail, state, info.time)
+
+    def unstarted(self, job_id: str) -> str:
+        """Why a job ended before slurm_vllm ran on its nodes: Slurm's state, exit code and reason,
+        the batch step's output (its last line), or that the nodes could not write it here."""
+        from .slurm import ended_detail
+
+        out = self.dir.path.parent / f"{self.dir.path.name}.out"
+        said = f"the job ended before slurm_vllm started on the nodes (Slurm: {ended_detail(job_id)})"
+        try:
+            lines = [line for line in out.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return (f"{said}; its output {out} is not on this machine: is jobs_root ({self.dir.path.parent}) "
+                    f"on a file system the nodes share?")
+        last = lines[-1].strip()[:200] if lines else "(empty)"
+        return f"{said}; the end of {out}: {last}"
 
     def wait(self, stage: Stage = Stage.READY, timeout: float | None = None,
              progress: Callable[[Status], None] | None = None, poll: float = 2.0) -> Status:
@@ -146,16 +170,20 @@ class Job:
 
     def endpoint(self) -> Endpoint:
         """The endpoint of a READY job (url, model, api_key()); SlurmVllmError if not serving."""
-        info = self.dir.read_stage()
+        info = self._checked().read_stage()
         if not self.dir.endpoint.exists():
             raise SlurmVllmError(f"job {self.job_id}: no endpoint yet (stage {info})")
         if info.stage != Stage.READY:
             raise SlurmVllmError(f"job {self.job_id}: the endpoint is gone (stage {info})")
-        return Endpoint.read(self.dir.endpoint)
+        ep = Endpoint.read(self.dir.endpoint)
+        if ep.api_key_file is not None and Path(ep.api_key_file) != self.dir.api_key:
+            raise JobFolderError(f"{self.dir.endpoint}: api_key_file {ep.api_key_file} is not this job's "
+                                 f"key file ({self.dir.api_key}): refused")
+        return ep
 
     def log_files(self, rank: int | None = None) -> list[Path]:
         """The batch step's output, then Ray's, vLLM's and each task's; those of RANK only if given."""
-        batch = self.dir.path.parent / f"{self.dir.path.name}.out"
+        batch = self._checked().path.parent / f"{self.dir.path.name}.out"
         files = [*([batch] if batch.exists() else []), *sorted(self.dir.logs.glob("*.log")),
                  *sorted(self.dir.logs.glob("task-*.out"))]
         if rank is None:
@@ -206,7 +234,7 @@ def job(ref: str, jobs_root: Path | str | None = None) -> Job:
     """A job by folder or Slurm job id (this user's index first, then JOBS_ROOT/by-id)."""
     path = Path(ref).expanduser()
     if path.is_dir() and (path / "plan.json").exists():
-        return Job(path.resolve())
+        return Job(JobDir(path.resolve()).verified())
     if "/" in ref:              # a folder not made yet: a pending job's, if the index knows it
         for pending in index.entries():
             if Path(pending.job_dir) == path.resolve():
@@ -225,7 +253,12 @@ def jobs(jobs_root: Path | str | None = None) -> list[Job]:
     found = {Path(e.job_dir): _from_entry(e) for e in sorted(index.entries(), key=lambda e: e.submitted)}
     if jobs_root is not None:
         for plan_file in Path(jobs_root).expanduser().glob("*/plan.json"):
-            found.setdefault(plan_file.parent.resolve(), Job(plan_file.parent.resolve()))
+            folder = JobDir(plan_file.parent.resolve())
+            try:
+                folder.verified()
+            except JobFolderError:
+                continue                  # someone else's folder in a shared jobs_root: not listed
+            found.setdefault(folder.path, Job(folder))
 
     def started(j: Job) -> float:
         return j.dir.plan.stat().st_mtime if j.dir.plan.exists() else time.time()

@@ -47,7 +47,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     spec, plan = load(args.spec)
     text = sbatch_text(spec, plan, spec.slurm.python or sys.executable, template=args.template)
     try:        # Slurm opens the batch log in jobs_root before the script runs: it must exist
-        spec.jobs_root_path.mkdir(parents=True, exist_ok=True)
+        spec.jobs_root_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise SlurmVllmError(f"jobs_root: cannot create {spec.jobs_root_path}: {exc.strerror}") from None
     if args.output:
@@ -79,10 +79,18 @@ def _wait(job: Job, out: TextIO, stage: Stage | None = None) -> int:
     return 0
 
 
+def _warn_local(jobs_root: Path) -> None:
+    """A warning when JOBS_ROOT is where nodes usually have their own copy (/tmp, /var/tmp, /dev/shm)."""
+    if any(jobs_root.resolve().is_relative_to(p) for p in ("/tmp", "/var/tmp", "/dev/shm")):
+        print(f"slurm_vllm: warning: jobs_root {jobs_root} is node-local on most clusters: the nodes "
+              f"cannot write the job folder there; use a file system they share", file=sys.stderr)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .api import submit
 
     job = submit(args.spec)
+    _warn_local(job.path.parent)
     plan = job.plan()
     if args.json:
         print(json.dumps({"job_id": job.job_id, "job_dir": str(job.path)}))

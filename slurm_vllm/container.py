@@ -1,4 +1,13 @@
-"""Container runtimes (apptainer, docker, podman, none) × argv × binds × env file → argv."""
+"""Container runtimes (apptainer, docker, podman, none) × argv × binds × env file → argv.
+
+The job's environment (secrets included) reaches a container through its 0600 env file, never
+through the command line or the container's configuration: every container program starts a small
+wrapper, `sh -c WRAPPER`, that exports the file (bound with the job folder) and execs the program,
+so `docker inspect` / `podman inspect` show no value. The file is POSIX shell assignments
+(KEY='value'), read by POSIX sh: every value arrives as written. Not --env-file: Docker's is literal
+but Podman's has its own quoting, and Apptainer's expands $VAR and runs `cmd` even inside single
+quotes (checked with Apptainer 1.4.5).
+"""
 
 from __future__ import annotations
 
@@ -35,13 +44,13 @@ class Runtime:
         assert c.image is not None
         # Host network and IPC: Ray and vLLM use the node's address and its whole /dev/shm.
         cmd = [c.runtime, "run", "--rm", "--name", self.name + suffix, "--network", "host", "--ipc", "host",
-               "--init", "--env-file", str(self.env_file)]
+               "--init"]
         for bind in self.binds:
             cmd += ["-v", bind]
         cmd += self._gpu_flags()
         if self.infiniband:       # RDMA inside the container, else NCCL silently falls back to TCP
             cmd += ["--device", "/dev/infiniband", "--ulimit", "memlock=-1", "--cap-add", "IPC_LOCK"]
-        return [*cmd, *c.options, c.image, *argv]
+        return [*cmd, *c.options, c.image, *wrapped(self.env_file, argv)]
 
     def exec(self, argv: list[str], env_file: Path | None = None) -> list[str]:
         """The argv that runs ARGV beside the main program (same container, same network, same /tmp),
@@ -50,7 +59,7 @@ class Runtime:
             return argv
         if self.spec.runtime == "apptainer":
             return self._apptainer(argv, env_file)
-        return [self.spec.runtime, "exec", "--env-file", str(env_file or self.env_file), self.name, *argv]
+        return [self.spec.runtime, "exec", self.name, *wrapped(env_file or self.env_file, argv)]
 
     def remove(self, suffixes: tuple[str, ...] = ("",)) -> list[str] | None:
         """The argv that removes the rank's containers (and everything in them), if there are any."""
@@ -70,20 +79,24 @@ class Runtime:
 
     def _apptainer(self, argv: list[str], env_file: Path | None = None) -> list[str]:
         assert self.spec.image is not None
-        cmd = ["apptainer", "exec", "--env-file", str(env_file or self.env_file)]
+        cmd = ["apptainer", "exec"]
         if self.spec.gpus and self.visible_gpus:
             cmd.append("--nv")
         for bind in self.binds:
             cmd += ["--bind", bind]
-        return [*cmd, *self.spec.options, self.spec.image, *argv]
+        return [*cmd, *self.spec.options, self.spec.image, *wrapped(env_file or self.env_file, argv)]
 
 
-def env_file_text(env: dict[str, str], runtime: str) -> str:
-    """KEY=VALUE lines for RUNTIME's --env-file: docker/podman take values literally, apptainer
-    sources the file as shell (values shell-quoted); `none` reads it back like docker's."""
-    lines = []
-    for key, value in env.items():
-        if "\n" in value:
-            raise ValueError(f"environment variable {key}: a value may not contain a newline")
-        lines.append(f"{key}={shlex.quote(value) if runtime == 'apptainer' else value}")
-    return "\n".join(lines) + "\n"
+# Exports the env file ($1) and runs the rest: the entry of every Docker/Podman container and exec.
+WRAPPER = 'set -a && . "$1" && set +a && shift && exec "$@"'
+
+
+def wrapped(env_file: Path, argv: list[str]) -> list[str]:
+    """ARGV started through WRAPPER with ENV_FILE's variables (the values stay out of argv)."""
+    return ["sh", "-c", WRAPPER, "slurm-vllm-env", str(env_file), *argv]
+
+
+def env_file_text(env: dict[str, str]) -> str:
+    """KEY='value' lines (shlex-quoted: quotes, $, \\, #, = and spaces are literal), as POSIX sh's
+    `.` in WRAPPER reads them."""
+    return "".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import SlurmVllmError
+from .errors import JobFolderError, SlurmVllmError
 from .records import Record, Stage, StageInfo
 
 R = TypeVar("R", bound=Record)
@@ -26,6 +28,35 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def verify(path: Path, kind: str = "job folder") -> None:
+    """PATH (not followed if a link) is this user's, and neither group nor others can write it:
+    else JobFolderError. In a shared jobs_root, anything else may have been planted."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise JobFolderError(f"{path}: no such {kind}") from None
+    if st.st_uid != os.geteuid():
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        raise JobFolderError(f"{path}: this {kind} belongs to {owner}, not to you: refused")
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+        raise JobFolderError(f"{path}: this {kind} is writable by group or others (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}): refused (chmod go-w it if it is yours)")
+
+
+def make_private_dir(path: Path) -> None:
+    """PATH as a 0700 folder (whatever the umask), or an existing one that verify() accepts."""
+    try:
+        path.mkdir(mode=0o700)
+        path.chmod(0o700)
+    except FileExistsError:
+        if path.is_symlink() or not path.is_dir():
+            raise JobFolderError(f"{path}: not a folder (a link or a file is refused)") from None
+        verify(path, "folder")
 
 
 @dataclass(frozen=True)
@@ -107,9 +138,18 @@ class JobDir:
     def failed_ranks(self) -> list[Path]:
         return sorted(self.path.glob("rank-*.failed"))
 
+    def verified(self) -> JobDir:
+        """This folder, once verify() accepts it (this user's, not writable by others)."""
+        verify(self.path)
+        if not self.path.is_dir():
+            raise JobFolderError(f"{self.path}: not a job folder")
+        return self
+
     def create(self, spec_yaml: str, plan_json: str, api_key: bool) -> None:
-        """Make the folder with the resolved spec, the plan and fresh per-job secrets (0600)."""
-        self.path.mkdir(parents=True, exist_ok=False)
+        """Make the folder (0700) with the resolved spec, the plan and fresh per-job secrets (0600)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path.mkdir(mode=0o700)
+        self.path.chmod(0o700)                # whatever the umask: no one else reads or replaces a file
         for sub in (self.env_dir, self.logs):
             sub.mkdir(mode=0o700)
         atomic_write(self.spec, spec_yaml)
@@ -118,6 +158,15 @@ class JobDir:
         if api_key:
             write_secret(self.api_key, "sk-" + secrets.token_urlsafe(32))
         self.write_stage(Stage.PENDING)
+
+    def restart(self) -> None:
+        """A requeued job's second run: what the first run left (done, rank failures, endpoint, head,
+        Ray's nodes, preflight) is removed, the stage goes back to PENDING; logs and secrets stay."""
+        stale = [self.done, self.endpoint, self.head, self.ray_nodes, self.preflight, self.preflight_addr,
+                 self.path / "preflight-raw.json", *self.failed_ranks()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        self.write_stage(Stage.PENDING, "requeued: starting again")
 
     def write(self, path: Path, record: Record) -> None:
         """RECORD as PATH's typed JSON, atomically."""
@@ -159,23 +208,30 @@ def read_secret(path: Path) -> str:
 
 
 def find(job: str, jobs_root: Path) -> JobDir:
-    """JOB is a job folder, or a Slurm job id looked up in JOBS_ROOT/by-id."""
+    """JOB is a job folder, or a Slurm job id looked up in JOBS_ROOT/by-id; either way verified:
+    the folder, the by-id folder and the link are this user's and not writable by others."""
     candidate = Path(job).expanduser()
     if candidate.is_dir() and (candidate / "plan.json").exists():
-        return JobDir(candidate.resolve())
+        return JobDir(candidate.resolve()).verified()
     if job.isdigit():
-        link = jobs_root / "by-id" / job
-        if link.exists():
-            return JobDir(link.resolve())
+        by_id = jobs_root / "by-id"
+        link = by_id / job
+        if link.is_symlink():
+            if by_id.is_symlink():
+                raise JobFolderError(f"{by_id}: a link, not a folder: refused")
+            verify(by_id, "by-id folder")
+            verify(link, "by-id link")
+            return JobDir(link.resolve()).verified()
         raise SlurmVllmError(f"job {job}: no job folder in {jobs_root}/by-id "
                              f"(give the job folder instead, or --jobs-root)")
     raise SlurmVllmError(f"{job}: neither a job folder (with plan.json) nor a Slurm job id")
 
 
 def link_job_id(jobs_root: Path, job_id: str, folder: Path) -> None:
+    """JOBS_ROOT/by-id/JOB_ID → FOLDER, replaced atomically; by-id is a 0700 folder of this user's."""
     by_id = jobs_root / "by-id"
-    by_id.mkdir(parents=True, exist_ok=True)
-    tmp = by_id / f".{job_id}.tmp"
+    make_private_dir(by_id)
+    tmp = by_id / f".{job_id}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(folder)
     os.replace(tmp, by_id / job_id)

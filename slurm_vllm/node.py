@@ -18,12 +18,13 @@ import yaml
 
 from . import index
 from . import spec as spec_mod
-from .errors import SlurmVllmError
+from .errors import JobFolderError, SlurmVllmError
 from .jobdir import JobDir, atomic_write, link_job_id
 from .jobenv import JobEnv
-from .rankenv import final_stage, outcome
+from .rankenv import final_stage, outcome, redact, task_death
 from .ranks import Head, Rank, Worker
 from .records import RankFailure, Stage
+from .slurm import still_running
 
 
 def main(job_dir: str) -> int:
@@ -43,11 +44,14 @@ def main(job_dir: str) -> int:
     except Exception as exc:
         error = exc
     own, detail = outcome(error, rank.stop_reason)
+    detail = redact(detail, rank.secret_values())
     stage = own
     if job.rank == 0:
         jd.done.touch()           # workers stop when they see it
         failures = [RankFailure.read(f) for f in jd.failed_ranks()]
         stage, detail = final_stage(stage, detail, failures)
+        if stage == Stage.CANCELLED and still_running(str(job.job_id)):   # not scancel: a task died
+            stage, detail = Stage.FAILED, task_death(_batch_output(jd))
     elif stage == Stage.FAILED:
         jd.write(jd.rank_failed(job.rank), RankFailure(job.rank, socket.gethostname(), detail))
     rank.teardown()
@@ -56,6 +60,14 @@ def main(job_dir: str) -> int:
     if error is not None and not isinstance(error, SlurmVllmError):
         raise error               # a bug: torn down and said, now the traceback for the task's log
     return 1 if own == Stage.FAILED else 0
+
+
+def _batch_output(jd: JobDir) -> str:
+    """The batch step's output so far (srun's messages), beside the job folder."""
+    try:
+        return (jd.path.parent / f"{jd.path.name}.out").read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def init(job_dir: str, script: str | None, embedded: str) -> None:
@@ -69,12 +81,21 @@ def init(job_dir: str, script: str | None, embedded: str) -> None:
     spec = spec_mod.parse(yaml.safe_load(spec_yaml), expand=False)
     plan = Plan.from_json(plan_json, "the plan embedded in the job script")
     jd = JobDir(Path(job_dir))
-    jd.create(spec_mod.dump(spec), plan.to_json(), api_key=plan.api_key)
     job_id = os.environ["SLURM_JOB_ID"]
+    if jd.path.exists() or jd.path.is_symlink():     # a requeued job runs init again
+        jd.verified()
+        if jd.job_id() != job_id:
+            raise JobFolderError(f"{jd.path}: exists, made by job {jd.job_id()}: refused")
+        jd.restart()
+    else:
+        jd.create(spec_mod.dump(spec), plan.to_json(), api_key=plan.api_key)
     jd.write_job_id(job_id)
     if script:
         atomic_write(jd.sbatch, Path(script).read_text())
-    link_job_id(spec.jobs_root_path, job_id, jd.path)
+    try:
+        link_job_id(spec.jobs_root_path, job_id, jd.path)
+    except (OSError, JobFolderError) as exc:       # the job runs; its id resolves through the index
+        print(f"slurm_vllm: warning: no by-id link for job {job_id}: {exc}", file=sys.stderr)
     index.record(job_id, jd.path, plan)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,8 +22,14 @@ class CommandError(SlurmVllmError):
     """A command failed: the message has the command, its exit code and the tail of its output."""
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")      # Ray colours its log prefixes
+
+
 def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+    """The last LINES non-empty lines of TEXT, without terminal colour codes (they go into one-line
+    messages and JSON files)."""
+    kept = [line for line in ANSI.sub("", text).splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
 
 
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 60,

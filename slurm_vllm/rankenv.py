@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -53,17 +54,24 @@ def server_environment(env: Mapping[str, str], api_key: str | None, config_root:
     return {**env, "VLLM_API_KEY": api_key, "VLLM_CONFIG_ROOT": str(config_root)}
 
 
-def choose_ports(plan: Plan, job_id: int, is_free: Callable[[int], bool], host: str = "this node") -> Ports:
+def choose_ports(plan: Plan, job_id: int, is_free: Callable[[int], bool], host: str = "this node",
+                 claim: Callable[[int], bool] = lambda first: True) -> Ports:
     """The job's port block (from its id), moved to the next block while any port of it is taken
-    on this node; a port the spec fixed (ray.port, vllm.port) is never moved: taken is an error."""
+    on this node, a port the spec fixed (ray.port, vllm.port) falls inside it, or another job has
+    claimed it (CLAIM(block's first worker port) is False). A fixed port is never moved: taken is
+    an error."""
+    fixed = {p for p in (plan.gcs_port, plan.api_port) if p}
     for attempt in range(PORT_ATTEMPTS):
         block = ports(plan, job_id, attempt)
-        taken = [p for p in block.all() if not is_free(p)]
-        if not taken:
+        values = block.all()
+        if len(values) != len(set(values)):
+            continue                       # vllm.port/ray.port on another port of this block
+        taken = [p for p in values if not is_free(p)]
+        if fixed & set(taken):
+            raise ClusterError(f"{host}: port {min(fixed & set(taken))} is taken (ray.port/vllm.port fix "
+                               f"this job's ports: choose others, or auto)")
+        if not taken and claim(block.min_worker):
             return block
-        if plan.gcs_port or plan.api_port:
-            raise ClusterError(f"{host}: port {taken[0]} is taken (ray.port/vllm.port fix this job's "
-                               f"ports: choose others, or auto)")
     raise ClusterError(f"{host}: no free port block (tried {PORT_ATTEMPTS} from "
                        f"{ports(plan, job_id).gcs}); is another job holding them?")
 
@@ -78,6 +86,29 @@ def outcome(exc: BaseException | None, stop_reason: str) -> tuple[Stage, str]:
     if isinstance(exc, SlurmVllmError):
         return Stage.FAILED, str(exc)
     return Stage.FAILED, f"{type(exc).__name__}: {exc}"
+
+
+SRUN_TASK_DEATH = re.compile(r"^srun: error: (\S+): task (\d+): (.+)$", re.M)
+
+
+def task_death(batch_output: str) -> str:
+    """Why srun stopped this task when no one cancelled the job: the task that died first, as srun
+    reported it in the batch step's output (`srun: error: node2: task 1: Killed`)."""
+    found = SRUN_TASK_DEATH.search(batch_output)
+    if found:
+        node, task, what = found.groups()
+        return (f"{node}: the node program of rank {task} ended ({what.strip()}); srun stopped the job "
+                f"step (killed by the OOM killer or a signal? see logs/task-{task}.out)")
+    return "a task of the job step ended and srun stopped the others: see logs/task-*.out"
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """TEXT with every one of SECRETS (values of 4 characters or more) replaced by `***`: a log tail
+    copied into the stage or a failure file never carries a secret the job was given."""
+    for value in sorted(secrets, key=len, reverse=True):
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
 
 
 def final_stage(stage: Stage, detail: str, failures: list[RankFailure]) -> tuple[Stage, str]:

@@ -31,10 +31,12 @@ from .jobdir import JobDir, atomic_write, read_secret, write_secret
 from .jobenv import JobEnv
 from .netid import Identity, identity, interface_network
 from .plan import Plan, Ports, ray_argv, vllm_argv
+from .portclaim import PortClaims
 from .probes import RAY_PROBE, Http, parse_ray_nodes, port_free, port_open
 from .rankenv import NON_CARRY_OVER, Stopped, choose_ports, environment, server_environment
 from .records import Endpoint, HeadInfo, RankFailure, RayNode, RayNodes, Rendezvous, Stage
 from .spec import JobSpec
+from .watchdog import Watchdog
 
 POLL = 0.5          # seconds between two looks at a fact (port, Ray, HTTP); never a stand-in for one
 
@@ -43,7 +45,7 @@ class Rank:
     """One task of the allocation."""
 
     def __init__(self, jd: JobDir, job: JobEnv) -> None:
-        self.jd = jd
+        self.jd = jd.verified()
         self.plan = Plan.read(jd.plan)
         self.spec: JobSpec = spec_mod.parse(yaml.safe_load(jd.spec.read_text()), expand=False)
         self.job = job
@@ -54,6 +56,9 @@ class Rank:
         self.children: list[proc.Child] = []
         self.runtime: Runtime | None = None
         self.env: dict[str, str] = {}       # Ray's and vLLM's environment on this node, built once
+        self.env_files: dict[Path, dict[str, str]] = {}   # each env file written, and what it holds
+        self.claims = PortClaims(job.job_id)
+        self.watchdog = Watchdog()           # cleans up after this rank if it is killed outright
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -104,10 +109,21 @@ class Rank:
                            head_gcs=ports.gcs if self.rank == 0 else None)
 
     def write_env_file(self, name: str, env: dict[str, str]) -> Path:
-        """ENV as env/NAME.env (0600), in the container runtime's syntax."""
+        """ENV as env/NAME.env (0600), the file a container reads its environment from."""
         path = self.jd.env_dir / f"{name}.env"
-        write_secret(path, env_file_text(env, self.spec.container.runtime).rstrip("\n"))
+        write_secret(path, env_file_text(env).rstrip("\n"))
+        self.env_files[path] = env
         return path
+
+    def secret_values(self) -> list[str]:
+        """This job's secrets as this rank knows them: kept out of every stage and failure line."""
+        found = [self.env.get(k, "") for k in self.spec.secret_env]
+        for path in (self.jd.api_key, self.jd.ray_token):
+            try:
+                found.append(read_secret(path))
+            except OSError:
+                continue
+        return [v for v in found if v]
 
     def setup(self, ident: Identity) -> Ports | None:
         """This rank's ports and runtime, then the preflight if asked; None: the job was only that."""
@@ -136,6 +152,7 @@ class Rank:
         log_path = self.jd.rank_log("preflight", self.rank)
         child = proc.spawn("preflight", self.runtime.start(argv, suffix="-preflight"), log_path,
                            env=self.child_env())
+        self.watchdog.watch(child.popen.pid)
         deadline = time.monotonic() + 300
         try:
             while child.alive():
@@ -158,32 +175,35 @@ class Rank:
                                                  f"{result.rows[-1].busbw_GBps:.2f} GB/s bus bandwidth")
 
     def choose_ports(self) -> Ports:
-        """This node's port block (rankenv.choose_ports), probed by binding each port here."""
-        return choose_ports(self.plan, self.job.job_id, port_free, socket.gethostname())
+        """This node's port block (rankenv.choose_ports), probed by binding each port here and
+        claimed against other jobs starting at the same moment (portclaim)."""
+        return choose_ports(self.plan, self.job.job_id, port_free, socket.gethostname(),
+                            claim=self.claims.claim)
 
     def make_runtime(self, ident: Identity, ports: Ports) -> Runtime:
         self.env = self.environment(ident, ports)
         env_file = self.write_env_file(f"rank-{self.rank}", self.env)
         binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}")
         name = f"slurm-vllm-{self.job.job_id}-{self.rank}"
-        return Runtime(self.spec.container, name, env_file, binds, self.job.gpus,
-                       infiniband=self.spec.nccl.ib_hca is not None)
+        runtime = Runtime(self.spec.container, name, env_file, binds, self.job.gpus,
+                          infiniband=self.spec.nccl.ib_hca is not None)
+        remove = runtime.remove(("", "-preflight"))
+        if remove:
+            self.watchdog.cleanup(remove)
+        return runtime
 
     def child_env(self, env_file: Path | None = None) -> dict[str, str] | None:
-        """The process environment of a child: for runtime none the env file (the rank's, or
-        ENV_FILE) goes in directly; containers get it through --env-file."""
+        """The process environment of a child: for runtime none what the env file (the rank's, or
+        ENV_FILE) holds goes in directly; a container reads the file itself."""
         assert self.runtime is not None
         if self.runtime.kind != "none":
             return None
-        env = dict(os.environ)
-        for line in (env_file or self.runtime.env_file).read_text().splitlines():
-            key, _, value = line.partition("=")
-            env[key] = value
-        return env
+        return {**os.environ, **self.env_files[env_file or self.runtime.env_file]}
 
     def spawn(self, name: str, argv: list[str], env_file: Path | None = None) -> proc.Child:
         child = proc.spawn(name, argv, self.jd.rank_log(name, self.rank), env=self.child_env(env_file))
         self.children.append(child)
+        self.watchdog.watch(child.popen.pid)
         return child
 
     def run(self) -> None:
@@ -197,6 +217,8 @@ class Rank:
             remove = self.runtime.remove(("", "-preflight"))
             if remove:
                 proc.run(remove, check=False, timeout=30)
+        self.claims.release()
+        self.watchdog.done()
 
 
 class Head(Rank):
@@ -233,8 +255,9 @@ class Head(Rank):
             url=f"{url}/v1", model=self.plan.served_name, host=ident.ip, port=ports.api,
             api_key_file=str(self.jd.api_key) if self.plan.api_key else None, job_id=str(self.job.job_id)))
         self.jd.write_stage(Stage.READY, f"{url}/v1")
-        while True:                      # supervise until vLLM or Ray dies, or a stop comes
+        while True:                      # supervise until vLLM or Ray dies, a worker fails, or a stop comes
             self.check()
+            self.check_workers()
             self.stop.wait(1.0)
 
     def barrier(self, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:

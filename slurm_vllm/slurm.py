@@ -46,5 +46,24 @@ def job_state(job_id: str) -> str | None:
     return found.state if found else None
 
 
+def ended_detail(job_id: str) -> str:
+    """How Slurm says an ended job ended: `FAILED, exit code 127:0` (and the reason, if any)."""
+    acct = proc.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"],
+                    check=False, timeout=30)
+    for line in acct.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4 and parts[0] == job_id:
+            reason = f", reason {parts[3]}" if parts[3] not in ("", "None") else ""
+            return f"{parts[1]}, exit code {parts[2]}{reason}"
+    return "ended"
+
+
+def still_running(job_id: str) -> bool:
+    """Does Slurm still hold JOB_ID as RUNNING? After `scancel` it says COMPLETING or CANCELLED at
+    once; when srun --kill-on-bad-exit ends the job step after one task died, the job runs on."""
+    out = proc.run(["scontrol", "show", "job", "-o", job_id], check=False, timeout=10)
+    return " JobState=RUNNING " in f" {out.stdout} "
+
+
 def cancel(job_id: str) -> None:
     proc.run(["scancel", job_id], timeout=30)

@@ -25,7 +25,8 @@ def submit(spec: JobSpec, plan: Plan) -> tuple[str, Path]:
     text = sbatch_text(spec, plan, spec.slurm.python or sys.executable)
     root = spec.jobs_root_path
     try:
-        (root / ".submitit").mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (root / ".submitit").mkdir(exist_ok=True, mode=0o700)
     except OSError as exc:
         raise SubmitError(f"jobs_root: cannot create {root}: {exc.strerror}") from exc
 

@@ -36,6 +36,10 @@ def testbed() -> dict[str, str]:
         pytest.fail(f"the test bed is not healthy (run: scripts/testbed up)\n{status.stdout}", pytrace=False)
     values = testbed_env()
     os.environ.update(values)
+    secret = Path(values["SLURM_VLLM_TEST_SECRET_FILE"])     # the test configs' secret_env value
+    if not secret.exists():
+        secret.write_text(f"svt-secret-{uuid.uuid4().hex}\n")
+        secret.chmod(0o600)
     # Jobs inherit the submitter's PATH; the nodes' Apptainer sits in /usr/local/sbin (root's PATH).
     if "/usr/local/sbin" not in os.environ["PATH"].split(":"):
         os.environ["PATH"] = "/usr/local/sbin:" + os.environ["PATH"]

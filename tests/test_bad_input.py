@@ -334,3 +334,25 @@ def test_expansion_happens_once_with_an_escape(tmp_path: Path, monkeypatch: pyte
     assert job.env == {"LITERAL": "a${SLURM_VLLM_T_SECRET}b", "DOLLAR": "$x $$y"}
     again = spec_mod.parse(yaml.safe_load(spec_mod.dump(job)), expand=False)
     assert again == job and "s3cr3t" not in spec_mod.dump(again)
+
+
+@pytest.mark.parametrize("root", ["/shared/a:b/jobs", "/shared/a,b/jobs"])
+def test_a_jobs_root_that_breaks_a_container_bind_is_refused(
+    root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job folder is bound into the container as host:container: ':' or ',' in it would split it."""
+    spec = tmp_path / "bad.yaml"
+    docker = {"runtime": "docker", "image": "i"}
+    spec.write_text(yaml.safe_dump({**BASE, "jobs_root": root, "container": docker}))
+    check(*run_validate(spec, capsys), "jobs_root: ")
+    spec.write_text(yaml.safe_dump({**BASE, "jobs_root": root}))        # no container: no bind, fine
+    assert cli.main(["validate", str(spec)]) == 0
+
+
+def test_a_newline_from_the_login_environment_is_refused_like_one_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SLURM_VLLM_T_PART", "gpu\ntouch /tmp/PWNED #")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(mutate("slurm.partition", "${SLURM_VLLM_T_PART}")))
+    check(*run_validate(spec, capsys), "slurm.partition: control character")

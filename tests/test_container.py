@@ -1,14 +1,15 @@
-"""Container argv per runtime: host network/IPC, env file (never -e), binds, GPUs, InfiniBand."""
+"""Container argv per runtime: host network/IPC, env through a file and a wrapper (never -e), binds, GPUs."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from slurm_vllm.container import Runtime, env_file_text
+from slurm_vllm.container import WRAPPER, Runtime, env_file_text, wrapped
 from slurm_vllm.spec import ContainerSpec
 
 pytestmark = pytest.mark.unit
@@ -26,10 +27,11 @@ def test_docker_like_run_and_exec(kind: str) -> None:
     argv = runtime(kind).start(["ray", "start"])
     assert argv[:5] == [kind, "run", "--rm", "--name", "slurm-vllm-7-0"]
     assert {"--network", "host", "--ipc", "--init"} <= set(argv)
-    assert argv[argv.index("--env-file") + 1] == str(ENV) and "-e" not in argv
-    assert argv[-4:] == ["--foo", "vllm:1", "ray", "start"]
-    assert runtime(kind).exec(["vllm", "serve"]) == [kind, "exec", "--env-file", str(ENV), "slurm-vllm-7-0",
-                                                     "vllm", "serve"]
+    # No environment on the command line or in the container's config: the wrapper reads the file.
+    assert "--env-file" not in argv and "-e" not in argv and "--env" not in argv
+    assert argv[-9:] == ["--foo", "vllm:1", "sh", "-c", WRAPPER, "slurm-vllm-env", str(ENV), "ray", "start"]
+    assert runtime(kind).exec(["vllm", "serve"]) == [kind, "exec", "slurm-vllm-7-0", "sh", "-c", WRAPPER,
+                                                     "slurm-vllm-env", str(ENV), "vllm", "serve"]
     assert "slurm-vllm-7-0-preflight" in runtime(kind).remove(("", "-preflight"))  # type: ignore[operator]
 
 
@@ -42,19 +44,22 @@ def test_gpus_and_infiniband_flags() -> None:
     assert "--device=nvidia.com/gpu=0" in podman and "/dev/infiniband" not in podman
     apptainer = runtime("apptainer", visible_gpus=("0",), infiniband=True).start(["x"])
     assert apptainer[:2] == ["apptainer", "exec"] and "--nv" in apptainer
+    assert "--env-file" not in apptainer and apptainer[-7:] == ["img.sif", *wrapped(ENV, ["x"])]
     assert "/dev/infiniband" not in apptainer                     # Apptainer passes /dev through
     assert runtime("none").start(["ray", "start"]) == ["ray", "start"]
 
 
-def test_env_file_quoting_per_runtime(tmp_path: Path) -> None:
-    env = {"A": "two words", "B": "it's $HOME"}
-    assert env_file_text(env, "docker") == "A=two words\nB=it's $HOME\n"
-    text = env_file_text(env, "apptainer")
-    assert text == f"A={shlex.quote(env['A'])}\nB={shlex.quote(env['B'])}\n"
-    script = tmp_path / "f"
-    script.write_text(text)                         # Apptainer sources it as shell: values survive
-    out = subprocess.run(["sh", "-c", f". {script}; printf '%s|%s' \"$A\" \"$B\""], capture_output=True,
-                         text=True).stdout
-    assert out == "two words|it's $HOME"
-    with pytest.raises(ValueError, match="newline"):
-        env_file_text({"A": "x\ny"}, "docker")
+ODD = {"A": "two words", "B": "it's $HOME", "C": 'say "hi" \\ # = ${X} `id` $(id)', "D": " lead", "E": ""}
+
+
+def test_env_file_is_shell_assignments_the_wrapper_reads_back(tmp_path: Path) -> None:
+    """The env file through the real wrapper under sh: every value arrives byte for byte, nothing
+    expands (quotes, $, \\, #, =, spaces, backquotes), and the program gets its own argv."""
+    text = env_file_text(ODD)
+    assert text == "".join(f"{k}={shlex.quote(v)}\n" for k, v in ODD.items())
+    env_file = tmp_path / "rank-0.env"
+    env_file.write_text(text)
+    probe = "import json, os, sys; print(json.dumps([{k: os.environ.get(k) for k in 'ABCDE'}, sys.argv[1:]]))"
+    out = subprocess.run(wrapped(env_file, ["python3", "-c", probe, "--x", "$HOME"]), capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin"}, check=True).stdout
+    assert json.loads(out) == [ODD, ["--x", "$HOME"]]

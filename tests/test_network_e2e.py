@@ -13,8 +13,15 @@ import yaml
 from slurm_vllm.records import HeadInfo, PreflightResult, RayNodes
 
 from .support.cli import chat, cli, expected, status
-from .support.testbed import node_process, node_process_env, node_processes
-from .test_serve_e2e import CONFIGS, assert_vllm_workers_on, cancel_and_check_clean, submit_wait
+from .support.testbed import env_delivery_problems, node_process, node_process_env, node_processes
+from .test_serve_e2e import (
+    CONFIGS,
+    allocation,
+    assert_vllm_workers_on,
+    cancel_and_check_clean,
+    job_secrets,
+    submit_wait,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -95,6 +102,7 @@ def test_apptainer_main_path_with_env_file_and_nccl(testbed: dict[str, str]) -> 
             assert env_file.stat().st_mode & 0o777 == 0o600
         assert key not in (job_dir / "env" / "rank-0.env").read_text()       # Ray's has no key
         assert_vllm_workers_on(job)                     # one pipeline stage on each node
+        assert env_delivery_problems(allocation(job), "apptainer", job_secrets(job_dir)) == []
     finally:
         cancel_and_check_clean(job)
 

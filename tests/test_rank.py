@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,8 +13,18 @@ from slurm_vllm.container import env_file_text
 from slurm_vllm.errors import ClusterError, ServeError
 from slurm_vllm.jobenv import JobEnv
 from slurm_vllm.netid import Identity, identity
+from slurm_vllm.portclaim import PortClaims
 from slurm_vllm.probes import parse_ray_nodes, port_free
-from slurm_vllm.rankenv import Stopped, choose_ports, environment, final_stage, outcome, server_environment
+from slurm_vllm.rankenv import (
+    Stopped,
+    choose_ports,
+    environment,
+    final_stage,
+    outcome,
+    redact,
+    server_environment,
+    task_death,
+)
 from slurm_vllm.records import RankFailure, RayNode, Stage
 
 pytestmark = pytest.mark.unit
@@ -53,10 +64,16 @@ def test_environment_of_a_worker_and_of_the_head(runtime: str, tmp_path: Path) -
     server = server_environment(head, "sk-1", tmp_path / "cfg")
     assert server == {**head, "VLLM_API_KEY": "sk-1", "VLLM_CONFIG_ROOT": str(tmp_path / "cfg")}
     assert server_environment(head, None, tmp_path / "cfg") == head
-    text = env_file_text(worker, runtime)
+    text = env_file_text(worker)
     line = next(x for x in text.splitlines() if x.startswith("QUOTED="))
-    # Apptainer parses its env file as shell; Docker/Podman (and `none`, read back by slurm_vllm) literally.
-    assert line == ("QUOTED='a '\"'\"'b'\"'\"' $c'" if runtime == "apptainer" else "QUOTED=a 'b' $c")
+    # One syntax for every runtime: shell assignments, which the containers' sh wrapper reads.
+    assert line == "QUOTED='a '\"'\"'b'\"'\"' $c'"
+
+
+def test_redact_removes_every_secret_longest_first() -> None:
+    text = "vllm exited: bad key sk-abcdef (token sk-abcdef-long) hf_x"
+    got = redact(text, ["sk-abcdef", "sk-abcdef-long", "hf_x", "ab"])
+    assert got == "vllm exited: bad key *** (token ***) ***"
 
 
 def make_plan(**changes: object) -> plan.Plan:
@@ -125,3 +142,59 @@ def test_identity_on_an_interface_of_this_host() -> None:
     assert (ident.ip, ident.interface) == ("127.0.0.1", "lo")
     with pytest.raises(ClusterError, match=r"nosuch0 has no IPv4 address on .*\(interfaces here: "):
         identity("localhost", "nosuch0")
+
+
+def test_a_fixed_vllm_port_inside_the_block_moves_the_block() -> None:
+    first = plan.ports(make_plan(), 1234)
+    p = make_plan(api_port=first.min_worker + 3)             # on one of the block's Ray worker ports
+    got = choose_ports(p, 1234, lambda port: True)
+    assert got.api == first.min_worker + 3 and got.api not in range(got.min_worker, got.max_worker + 1)
+    assert len(got.all()) == len(set(got.all()))
+
+
+def _choose_in_parallel(job_id: int, folder: str, barrier: Any, out: Any) -> None:
+    claims = PortClaims(job_id, Path(folder))
+    barrier.wait()
+    out.put((job_id, choose_ports(make_plan(), job_id, lambda port: True, claim=claims.claim).min_worker))
+
+
+def test_two_jobs_starting_together_claim_different_blocks(tmp_path: Path) -> None:
+    """Job ids 10 and 10 + SLOTS map to the same block: two real processes choose at the same
+    moment; the claim files make them take different blocks."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_choose_in_parallel, args=(j, str(tmp_path), barrier, out))
+             for j in (10, 10 + plan.SLOTS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    got = dict(out.get(timeout=5) for _ in procs)
+    assert plan.ports(make_plan(), 10).min_worker in got.values()
+    assert len(set(got.values())) == 2, got
+
+
+def test_a_claim_of_a_dead_rank_is_taken_over_and_released_at_the_end(tmp_path: Path) -> None:
+    (tmp_path / "block-20016").write_text(f"99 {2**22 + 7}\n")   # above pid_max's default: never alive
+    mine = PortClaims(5, tmp_path)
+    assert mine.claim(20016) and (tmp_path / "block-20016").read_text().split()[0] == "5"
+    other = PortClaims(6, tmp_path)
+    assert not other.claim(20016)                                 # held by a live rank (this process)
+    mine.release()
+    assert not (tmp_path / "block-20016").exists() and other.claim(20016)
+
+
+def test_task_death_names_the_node_and_rank_srun_reported() -> None:
+    out = ("slurmstepd-node1: error: couldn't chdir to `/x': going to /tmp instead\n"
+           "srun: error: node2: task 1: Killed\nsrun: launch/slurm: _step_signal: Terminating StepId=8.0\n")
+    assert task_death(out).startswith("node2: the node program of rank 1 ended (Killed); srun stopped")
+    assert "logs/task-*.out" in task_death("")
+
+
+def test_log_tails_in_messages_have_no_colour_codes() -> None:
+    from slurm_vllm.proc import _tail
+
+    text = "a\n\n\x1b[36m(RayWorkerProc pid=1, ip=10.0.0.2)\x1b[0m boom\n"
+    assert _tail(text, 5) == "a\n(RayWorkerProc pid=1, ip=10.0.0.2) boom"

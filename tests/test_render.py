@@ -75,7 +75,7 @@ def embedded_of(text: str) -> str:
 def test_every_config_renders_one_job(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The script of every config: valid shell, its directives, the spec and plan embedded once."""
     for var in ("SLURM_VLLM_TEST_VENV", "SLURM_VLLM_TEST_MODEL", "SLURM_VLLM_TEST_JOBS_ROOT",
-                "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_IMAGE"):
+                "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_IMAGE", "SLURM_VLLM_TEST_SECRET_FILE"):
         monkeypatch.setenv(var, f"/testbed/{var.lower()}")
     monkeypatch.setenv("SLURM_VLLM_TEST_BINDS", "/a:/a:ro")
     s = spec.load(path)
@@ -86,7 +86,7 @@ def test_every_config_renders_one_job(path: Path, monkeypatch: pytest.MonkeyPatc
     assert flags == render.directives(s)
     assert f"--nodes={s.slurm.nodes}" in flags and "--signal=USR2@90" in flags
     spec_yaml, plan_json = render.split_embedded(embedded_of(text))
-    assert spec.parse(yaml.safe_load(spec_yaml)) == s and plan.Plan.from_json(plan_json) == p
+    assert spec.parse(yaml.safe_load(spec_yaml), expand=False) == s and plan.Plan.from_json(plan_json) == p
     node = [line for line in text.splitlines() if line.startswith("srun ")]
     assert node == [render.job_script(s, p, "/usr/bin/python3").node_command]
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from .support.cli import chat, cli, expected, status, wait_stage
-from .support.testbed import leftovers, node_process_env, vllm_workers_by_node
+from .support.testbed import env_delivery_problems, leftovers, node_process_env, vllm_workers_by_node
 
 pytestmark = pytest.mark.e2e
 CONFIGS = Path(__file__).resolve().parent / "configs"              # the test bed's specs
@@ -76,6 +76,12 @@ def assert_vllm_workers_on(job: str, per_node: int = 1) -> None:
     assert counts == want, f"vLLM workers per node {counts}, expected {want} (job {job} on {nodes})"
 
 
+def job_secrets(job_dir: Path) -> list[str]:
+    """The API key, the Ray token and the test configs' secret_env value of the job in JOB_DIR."""
+    files = [job_dir / "api_key", job_dir / "ray_token", Path(os.environ["SLURM_VLLM_TEST_SECRET_FILE"])]
+    return [f.read_text().strip() for f in files]
+
+
 def logs(job_dir: str) -> str:
     return cli("logs", job_dir, "-n", "30").stdout if job_dir else ""
 
@@ -97,6 +103,7 @@ def test_docker_pipeline_parallel_endpoint(testbed: dict[str, str]) -> None:
         plan = json.loads((job_dir / "plan.json").read_text())
         assert (plan["tp"], plan["pp"]) == (1, 2)
         assert_vllm_workers_on(job)                     # one pipeline stage on each node
+        assert env_delivery_problems(allocation(job), "docker", job_secrets(job_dir)) == []
         # the key never reaches a script or a command line
         assert key not in (job_dir / "job.sbatch").read_text()
         cmdlines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()]
@@ -124,6 +131,7 @@ def test_podman_tensor_parallel_across_nodes_through_the_api(testbed: dict[str, 
         head = HeadInfo.read(job.dir.head)
         assert head.ip == first_node_ip(job.job_id) and head.interface == "eth0"
         assert_vllm_workers_on(job.job_id)              # one tensor-parallel rank on each node
+        assert env_delivery_problems(allocation(job.job_id), "podman", job_secrets(job.path)) == []
         assert any(log.name == "vllm-0.log" for log, _ in job.logs(rank=0))
         listed = json.loads(cli("list", "--json").stdout)
         assert [(r["stage"], r["url"], r["tp_pp"]) for r in listed if r["job_id"] == job.job_id] == [

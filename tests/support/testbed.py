@@ -96,3 +96,36 @@ def machine_line() -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"machine: unknown ({exc})"
     return out.stdout.strip() or f"machine: unknown ({out.stderr.strip()[-300:]})"
+
+
+# SLURM_VLLM_ODD of the container test configs, as the job must deliver it ($${ is YAML's literal ${).
+ODD_VALUE = 'say "hi" it\'s $HOME \\ # = a  b ${NOT_EXPANDED} `id`'
+
+
+def env_delivery_problems(nodes: list[str], runtime: str, secrets: list[str]) -> list[str]:
+    """What is wrong with the environment the job's containers got, on NODES (["node1", …]):
+    vLLM's worker process on each node must hold SLURM_VLLM_ODD byte for byte and the test secret
+    (secret_env); no `docker/podman inspect` of the job's containers may show any of SECRETS."""
+    import os
+
+    problems = []
+    test_secret = Path(os.environ["SLURM_VLLM_TEST_SECRET_FILE"]).read_text().strip()
+    for node in nodes:
+        i = int(node.removeprefix("node"))
+        env = node_process_env(i, "ray::RayWorker")
+        if env.get("SLURM_VLLM_ODD") != ODD_VALUE:
+            problems.append(f"{node}: SLURM_VLLM_ODD is {env.get('SLURM_VLLM_ODD')!r}, not {ODD_VALUE!r}")
+        if env.get("SLURM_VLLM_TEST_SECRET") != test_secret:
+            problems.append(f"{node}: the secret_env value did not arrive")
+        if runtime not in ("docker", "podman"):
+            continue
+        names = [n for n in subprocess.run(in_node(i, [runtime, "ps", "--format", "{{.Names}}"]),
+                                           capture_output=True, text=True).stdout.split()
+                 if n.startswith("slurm-vllm-")]
+        if not names:
+            problems.append(f"{node}: no {runtime} container of the job to inspect")
+        for name in names:
+            inspect = in_node(i, [runtime, "inspect", name])
+            shown = subprocess.run(inspect, capture_output=True, text=True).stdout
+            problems += [f"{node}: `{runtime} inspect {name}` shows a secret" for s in secrets if s in shown]
+    return problems

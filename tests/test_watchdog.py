@@ -1,0 +1,71 @@
+"""The rank's watchdog with real processes: a rank killed outright (SIGKILL) leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+RANK = """
+import subprocess, sys, time
+from slurm_vllm.watchdog import Watchdog
+dog = Watchdog()
+child = subprocess.Popen(["sh", "-c", "sleep 1000 & sleep 1000"], start_new_session=True)
+dog.watch(child.pid)
+dog.cleanup(["touch", sys.argv[1]])
+print(child.pid, dog.popen.pid, flush=True)
+time.sleep(1000)
+"""
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_rank(tmp_path: Path) -> tuple[subprocess.Popen[str], int, int]:
+    argv = [sys.executable, "-c", RANK, str(tmp_path / "cleaned")]
+    rank = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert rank.stdout is not None
+    child, dog = map(int, rank.stdout.readline().split())
+    return rank, child, dog
+
+
+def test_a_rank_killed_outright_leaves_no_process_and_its_cleanup_runs(tmp_path: Path) -> None:
+    rank, child, _ = start_rank(tmp_path)
+    assert group_alive(child)
+    os.kill(rank.pid, signal.SIGKILL)                # the OOM killer, or slurmstepd's SIGKILL
+    rank.wait()
+    deadline = time.monotonic() + 15
+    while (group_alive(child) or not (tmp_path / "cleaned").exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(child), "the rank's children outlived it"
+    assert (tmp_path / "cleaned").exists(), "the cleanup command (container removal) did not run"
+
+
+def test_signals_for_the_rank_do_not_stop_the_watchdog_and_done_disarms_it() -> None:
+    """scancel's SIGTERM reaches every process of the step: the watchdog ignores it (it acts on the
+    rank's death only); after `done` (the rank tore down itself) it exits and touches nothing."""
+    from slurm_vllm.watchdog import Watchdog
+
+    dog = Watchdog()
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    try:
+        dog.watch(child.pid)
+        os.kill(dog.popen.pid, signal.SIGTERM)
+        dog.done()
+        assert dog.popen.wait(timeout=5) == 0            # not -15: the SIGTERM did not end it
+        assert child.poll() is None                      # done: the child was left alone
+    finally:
+        child.kill()
+        child.wait()
