@@ -42,8 +42,8 @@ def main() -> None:
             peak_total, peak_nodes = sum(sample.values()), sample
         time.sleep(0.5)
     mib = 1 << 20
-    print(f"peak RSS on the nodes: {peak_total / mib:.0f} MiB "
-          f"({', '.join(f'{k} {v / mib:.0f} MiB' for k, v in peak_nodes.items())}); command exit {child.returncode}")
+    per_node = ", ".join(f"{k} {v / mib:.0f} MiB" for k, v in peak_nodes.items())
+    print(f"peak RSS on the nodes: {peak_total / mib:.0f} MiB ({per_node}); command exit {child.returncode}")
     sys.exit(child.returncode)
 
 

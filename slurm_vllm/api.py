@@ -17,18 +17,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import index
 from .errors import JobEnded, JobFolderError, SlurmVllmError, WaitTimeout
 from .index import IndexEntry
 from .jobdir import JobDir, find
 from .plan import Plan
-from .records import Endpoint, Stage, StageInfo
+from .records import BatchProgress, Endpoint, Stage, StageInfo
 from .spec import DEFAULT_JOBS_ROOT, JobSpec
+
+if TYPE_CHECKING:
+    from .batchio import InputSummary
 
 # Progress order of the stages that are not final (a wait for LOADING is over at READY too).
 ORDER = (Stage.PENDING, Stage.STARTING, Stage.PREFLIGHT, Stage.RAY_HEAD, Stage.RAY_JOINED, Stage.LOADING,
-         Stage.READY)
+         Stage.READY, Stage.BATCH)
 # Slurm states that end a job, and the stage a job shows when it ended without its ranks saying why.
 SLURM_ENDED = {"COMPLETED": Stage.DONE, "CANCELLED": Stage.CANCELLED, "TIMEOUT": Stage.TIMEOUT,
                "DEADLINE": Stage.TIMEOUT, "FAILED": Stage.FAILED, "NODE_FAIL": Stage.FAILED,
@@ -45,13 +49,15 @@ class Status:
     detail: str
     slurm_state: str | None
     since: float = 0.0            # when the ranks wrote the stage (time.time()); 0: not yet
+    batch: BatchProgress | None = None    # a batch job's counts (batch.json), once it sends
 
     def __str__(self) -> str:
         return f"{self.stage.value}{': ' + self.detail if self.detail else ''}"
 
     def to_dict(self) -> dict[str, object]:
         return {"job_id": self.job_id, "job_dir": str(self.job_dir), "stage": self.stage.value,
-                "detail": self.detail, "slurm_state": self.slurm_state, "since": self.since}
+                "detail": self.detail, "slurm_state": self.slurm_state, "since": self.since,
+                "batch": self.batch.to_dict() if self.batch else None}
 
 
 def reconcile(info: StageInfo, slurm_state: str | None) -> tuple[Stage, str]:
@@ -128,7 +134,8 @@ class Job:
         stage, detail = reconcile(info, state)
         if job_id and stage.final and info.stage == Stage.PENDING and stage != Stage.CANCELLED:
             detail = self.unstarted(job_id)
-        return Status(job_id, self.dir.path, stage, detail, state, info.time)
+        batch = BatchProgress.read(self.dir.batch) if self.dir.batch.exists() else None
+        return Status(job_id, self.dir.path, stage, detail, state, info.time, batch)
 
     def unstarted(self, job_id: str) -> str:
         """Why a job ended before slurm_vllm ran on its nodes: Slurm's state, exit code and reason,
@@ -214,11 +221,24 @@ def load(spec: JobSpec | str | Path) -> tuple[JobSpec, Plan]:
     return job_spec, plan_mod.make(job_spec)
 
 
+def check_batch_input(spec: JobSpec, plan: Plan) -> InputSummary | None:
+    """A batch job's whole input, checked streaming before anything is submitted (BatchInputError,
+    exit 2, names the lines); None for a serving job."""
+    if spec.mode != "batch":
+        return None
+    from .batchio import validate
+
+    return validate(Path(spec.batch.input or "").expanduser(), plan.served_name)
+
+
 def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job:
-    """Submit SPEC (a YAML file or a JobSpec); the Job returns at once (wait() for READY)."""
+    """Submit SPEC (a YAML file or a JobSpec); the Job returns at once (wait() for READY, or for
+    DONE in batch mode). A batch input is checked first."""
     from .submit import submit as sbatch
 
     job_spec, plan = load(spec)
+    if not preflight_only:
+        check_batch_input(job_spec, plan)
     if preflight_only:
         plan = replace(plan, mode="preflight")
     job_id, folder = sbatch(job_spec, plan)

@@ -27,16 +27,21 @@ def _job(args: argparse.Namespace) -> Job:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .api import load
+    from .api import check_batch_input, load
     from .render import sbatch_text
 
     spec, plan = load(args.spec)
+    batch = check_batch_input(spec, plan)
     sbatch_text(spec, plan, spec.slurm.python or sys.executable)   # directives, template: as submit
     c = spec.container
     where = "the node's environment" if c.runtime == "none" else f"{c.runtime} image {c.image}"
     print(f"ok: {spec.name}: {plan.nodes} nodes x {plan.gpus_per_node} GPUs -> tensor parallel "
           f"{plan.tp} x pipeline parallel {plan.pp}; {plan.served_name!r} from {plan.model_path} "
           f"in {where}")
+    if batch is not None:
+        urls = ", ".join(f"{n} {u}" for u, n in sorted(batch.by_url.items()))
+        print(f"ok: batch input {spec.batch.input}: {batch.requests} requests ({urls}); results to "
+              f"{spec.batch_output}")
     return 0
 
 
@@ -62,7 +67,25 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _progress(out: TextIO) -> Callable[[Status], None]:
+    """A line per new stage; while a batch runs, a progress bar on a terminal, else a line every 30 s."""
+    from .records import Stage
+
+    last_line = 0.0
+    bar = out.isatty()
+
     def show(status: Status) -> None:
+        nonlocal last_line
+        if status.stage == Stage.BATCH and status.batch is not None:
+            b = status.batch
+            if bar:
+                filled = int(30 * b.done / max(b.total, 1))
+                print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {b.line()}   ", end="", file=out, flush=True)
+                return
+            if time.monotonic() - last_line < 30:
+                return
+            last_line = time.monotonic()
+        elif bar and status.batch is not None:
+            print(file=out)
         print(f"[{time.strftime('%H:%M:%S')}] {status}  (slurm: {status.slurm_state})", file=out, flush=True)
     return show
 
@@ -102,6 +125,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.flush()
     out = sys.stderr if args.json else sys.stdout
+    if plan.mode == "batch":
+        from .records import Stage
+
+        code = _wait(job, out, Stage.DONE)
+        status = job.status()
+        if status.batch is not None:
+            print(f"batch: {status.batch.summary()}", file=out)
+        return code
     code = _wait(job, out)
     if code == 0:
         ep = job.endpoint()

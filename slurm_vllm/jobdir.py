@@ -126,6 +126,19 @@ class JobDir:
         return self.path / "preflight.json"
 
     @property
+    def batch(self) -> Path:
+        return self.path / "batch.json"
+
+    @property
+    def results(self) -> Path:
+        """results.jsonl: a batch job's output, or a link to it when batch.output is elsewhere."""
+        return self.path / "results.jsonl"
+
+    @property
+    def requeue_mark(self) -> Path:
+        return self.path / "requeue"
+
+    @property
     def preflight_addr(self) -> Path:
         return self.path / "preflight-addr.json"
 
@@ -163,7 +176,7 @@ class JobDir:
         """A requeued job's second run: what the first run left (done, rank failures, endpoint, head,
         Ray's nodes, preflight) is removed, the stage goes back to PENDING; logs and secrets stay."""
         stale = [self.done, self.endpoint, self.head, self.ray_nodes, self.preflight, self.preflight_addr,
-                 self.path / "preflight-raw.json", *self.failed_ranks()]
+                 self.path / "preflight-raw.json", self.requeue_mark, *self.failed_ranks()]
         for path in stale:
             path.unlink(missing_ok=True)
         self.write_stage(Stage.PENDING, "requeued: starting again")
@@ -176,11 +189,13 @@ class JobDir:
         """PATH as a KIND record; JobFolderError (one line) if missing, malformed or foreign."""
         return kind.read(path)
 
-    def write_stage(self, stage: Stage, detail: str = "") -> None:
+    def write_stage(self, stage: Stage, detail: str = "", log: bool = True) -> None:
+        """The current stage, and a line in stage.log (unless LOG is false: progress updates)."""
         now = time.time()
         self.write(self.stage_file, StageInfo(stage, detail, now))
-        with open(self.stage_log, "a") as log:
-            log.write(f"{now:.3f} {stage.value}{' ' + detail if detail else ''}\n")
+        if log:
+            with open(self.stage_log, "a") as f:
+                f.write(f"{now:.3f} {stage.value}{' ' + detail if detail else ''}\n")
 
     def read_stage(self) -> StageInfo:
         """The current stage; PENDING before the first write (the job has not started yet)."""

@@ -19,6 +19,7 @@ class JobEnv:
     hosts: tuple[str, ...]
     cpus: int
     gpus: tuple[str, ...]
+    restart_count: int = 0          # how many times Slurm requeued the job before this run
 
     @property
     def head_host(self) -> str:
@@ -26,7 +27,8 @@ class JobEnv:
 
     @staticmethod
     def from_environ(env: Mapping[str, str] | None = None) -> JobEnv:
-        """Read SLURM_PROCID, SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_CPUS_PER_TASK, CUDA_VISIBLE_DEVICES."""
+        """Read SLURM_PROCID, SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_CPUS_PER_TASK, CUDA_VISIBLE_DEVICES,
+        SLURM_RESTART_COUNT."""
         env = os.environ if env is None else env
         missing = [k for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST") if not env.get(k)]
         if missing:
@@ -37,4 +39,5 @@ class JobEnv:
             hosts=tuple(hostlist.expand(env["SLURM_JOB_NODELIST"])),
             cpus=int(env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1),
             gpus=tuple(g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g),
+            restart_count=int(env.get("SLURM_RESTART_COUNT") or 0),
         )

@@ -1,4 +1,5 @@
-"""`list`: this user's jobs as rows (id, name, stage, nodes, TPxPP, URL, age, time left) and a table."""
+"""`list`: this user's jobs as rows (id, name, stage, nodes, TPxPP, URL or batch progress, age, time
+left) and a table."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Row:
     age_s: float
     time_left: str
     job_dir: str
+    progress: str = ""            # a batch job's `k/N done, R req/s, ETA` while it sends
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -32,14 +34,17 @@ class Row:
 def row(job: Job, slurm: SlurmJob | None, now: float) -> Row:
     """One job's row, from its folder and Slurm's view (a pure function of those)."""
     plan = job.plan()
-    stage, _ = reconcile(job.dir.read_stage(), slurm.state if slurm else None)
+    info = job.dir.read_stage()
+    stage, _ = reconcile(info, slurm.state if slurm else None)
     url = ""
     if stage == Stage.READY and job.dir.endpoint.exists():
         url = Endpoint.read(job.dir.endpoint).url
+    progress = info.detail if stage == Stage.BATCH else ""
     return Row(job_id=job.job_id or "?", name=plan.name, stage=stage.value, nodes=plan.nodes,
                tp_pp=f"TP{plan.tp}xPP{plan.pp}", url=url,
                age_s=round(now - job.dir.plan.stat().st_mtime, 1) if job.dir.plan.exists() else 0.0,
-               time_left=(slurm.time_left or "") if slurm and not stage.final else "", job_dir=str(job.path))
+               time_left=(slurm.time_left or "") if slurm and not stage.final else "", job_dir=str(job.path),
+               progress=progress)
 
 
 def rows(jobs_root: Path | str | None = None, include_ended: bool = False,
@@ -78,9 +83,9 @@ def age(seconds: float) -> str:
 def table(found: list[Row]) -> str:
     if not found:
         return "no jobs (list --all shows the ended ones too)"
-    head = ("JOBID", "NAME", "STAGE", "NODES", "TPxPP", "AGE", "LEFT", "URL")
+    head = ("JOBID", "NAME", "STAGE", "NODES", "TPxPP", "AGE", "LEFT", "URL / PROGRESS")
     lines = [head] + [(r.job_id, r.name, r.stage, str(r.nodes), r.tp_pp, age(r.age_s), r.time_left or "-",
-                       r.url or "-") for r in found]
+                       r.url or r.progress or "-") for r in found]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)

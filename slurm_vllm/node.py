@@ -44,6 +44,8 @@ def main(job_dir: str) -> int:
     except Exception as exc:
         error = exc
     own, detail = outcome(error, rank.stop_reason)
+    if own == Stage.DONE:
+        detail = rank.done_detail
     detail = redact(detail, rank.secret_values())
     stage = own
     if job.rank == 0:
@@ -52,6 +54,8 @@ def main(job_dir: str) -> int:
         stage, detail = final_stage(stage, detail, failures)
         if stage == Stage.CANCELLED and still_running(str(job.job_id)):   # not scancel: a task died
             stage, detail = Stage.FAILED, task_death(_batch_output(jd))
+        if stage == Stage.TIMEOUT and jd.requeue_mark.exists():         # a batch goes on in a next run
+            stage, detail = Stage.PENDING, f"time limit: {detail}"
     elif stage == Stage.FAILED:
         jd.write(jd.rank_failed(job.rank), RankFailure(job.rank, socket.gethostname(), detail))
     rank.teardown()

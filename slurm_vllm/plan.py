@@ -65,7 +65,7 @@ class Plan(Record):
     ready_timeout: int
     api_key: bool
     preflight: bool = False        # run the cross-node all-reduce before Ray and vLLM
-    mode: str = "serve"            # "serve", or "preflight": the all-reduce only, then the job ends
+    mode: str = "serve"            # "serve"; "batch" (spec.batch); "preflight": the all-reduce only
 
 
 def factorizations(total: int) -> list[tuple[int, int]]:
@@ -180,6 +180,7 @@ def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
         gcs_port=None if spec.ray.port == "auto" else spec.ray.port,
         api_port=None if spec.vllm.port == "auto" else spec.vllm.port,
         ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto", preflight=spec.preflight,
+        mode=spec.mode,
     )
 
 

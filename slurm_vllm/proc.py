@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -87,14 +88,25 @@ def terminate_all(children: Sequence[Child], timeout: float = 10) -> None:
             time.sleep(0.05)
 
 
+# Slurm's --signal=USR2@90 reaches every process of the job step, not only the ranks: a child that
+# kept the default action would die of it (vLLM, Ray, a `docker run` that forwards it), while the
+# rank wants them alive until its own orderly stop (a batch drains its requests in flight first).
+# An ignored signal stays ignored across exec, so the child starts through this.
+IGNORE_USR2 = ["sh", "-c", 'trap "" USR2 && exec "$@"', "slurm-vllm-child"]
+
+
 def spawn(name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> Child:
-    """Start ARGV in a new session (its own process group), stdout+stderr appended to LOG_PATH."""
+    """Start ARGV in a new session (its own process group), SIGUSR2 ignored (IGNORE_USR2),
+    stdout+stderr appended to LOG_PATH."""
     log.debug("spawn %s: %s", name, " ".join(argv))
+    path = (env if env is not None else os.environ).get("PATH")
+    if shutil.which(argv[0], path=path) is None:
+        raise CommandError(f"{name}: {argv[0]}: command not found")
     with open(log_path, "ab") as out:
         out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {name}: {argv[0]} ...\n".encode())
         out.flush()
         try:
-            popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+            popen = subprocess.Popen([*IGNORE_USR2, *argv], stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, env=dict(env) if env is not None else None,
                                      start_new_session=True)
         except FileNotFoundError as exc:

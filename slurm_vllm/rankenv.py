@@ -16,7 +16,12 @@ PORT_ATTEMPTS = 16
 
 
 class Stopped(SlurmVllmError):
-    """This rank was told to stop (a signal), or the job ended elsewhere."""
+    """This rank was told to stop (a signal), or the job ended elsewhere; DETAIL: what it left
+    (a batch's counts), for the final stage."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mapping[str, str],
@@ -82,7 +87,7 @@ def outcome(exc: BaseException | None, stop_reason: str) -> tuple[Stage, str]:
     if exc is None:
         return Stage.DONE, ""
     if isinstance(exc, Stopped):
-        return Stage(stop_reason or "CANCELLED"), ""
+        return Stage(stop_reason or "CANCELLED"), exc.detail
     if isinstance(exc, SlurmVllmError):
         return Stage.FAILED, str(exc)
     return Stage.FAILED, f"{type(exc).__name__}: {exc}"

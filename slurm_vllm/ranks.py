@@ -25,6 +25,7 @@ import yaml
 from . import preflight as preflight_mod
 from . import proc
 from . import spec as spec_mod
+from .batchdriver import Driver
 from .container import Runtime, env_file_text
 from .errors import ClusterError
 from .jobdir import JobDir, atomic_write, read_secret, write_secret
@@ -34,11 +35,12 @@ from .plan import Plan, Ports, ray_argv, vllm_argv
 from .portclaim import PortClaims
 from .probes import RAY_PROBE, Http, parse_ray_nodes, port_free, port_open
 from .rankenv import NON_CARRY_OVER, Stopped, choose_ports, environment, server_environment
-from .records import Endpoint, HeadInfo, RankFailure, RayNode, RayNodes, Rendezvous, Stage
+from .records import BatchProgress, Endpoint, HeadInfo, RankFailure, RayNode, RayNodes, Rendezvous, Stage
 from .spec import JobSpec
 from .watchdog import Watchdog
 
 POLL = 0.5          # seconds between two looks at a fact (port, Ray, HTTP); never a stand-in for one
+BATCH_DRAIN = 50.0  # after SIGUSR2 (90 s before the limit), wait this long for the requests in flight
 
 
 class Rank:
@@ -59,6 +61,7 @@ class Rank:
         self.env_files: dict[Path, dict[str, str]] = {}   # each env file written, and what it holds
         self.claims = PortClaims(job.job_id)
         self.watchdog = Watchdog()           # cleans up after this rank if it is killed outright
+        self.done_detail = ""                # what a job that ended by itself says (a batch's summary)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -72,8 +75,13 @@ class Rank:
             signal.signal(sig, handler)
 
     def check(self) -> None:
+        """Raise Stopped on a stop, ClusterError when a child died."""
         if self.stop.is_set():
             raise Stopped(self.stop_reason or "stopped")
+        self.check_alive()
+
+    def check_alive(self) -> None:
+        """ClusterError when a child of this rank died."""
         for child in self.children:
             if not child.alive():
                 raise ClusterError(f"{child.name} exited (code {child.returncode()}) on "
@@ -222,9 +230,28 @@ class Rank:
 
 
 class Head(Rank):
-    """Rank 0: Ray head, barrier, vLLM, readiness, endpoint, supervision."""
+    """Rank 0: Ray head, barrier, vLLM, readiness, endpoint, supervision (or the batch driver)."""
 
     def run(self) -> None:
+        try:
+            self.serve()
+        except Stopped as stop:
+            if self.plan.mode == "batch" and self.stop_reason == "TIMEOUT":
+                raise Stopped(str(stop), detail=self.batch_goes_on(stop.detail)) from None
+            raise
+
+    def batch_goes_on(self, detail: str) -> str:
+        """At the time limit, a batch with runs left (batch.max_jobs) leaves the mark that makes the
+        script requeue the job (same id and folder); DETAIL then says so."""
+        b = self.spec.batch
+        runs_left = b.max_jobs - 1 - self.job.restart_count
+        said = detail or "stopped before sending"
+        if runs_left > 0:
+            self.jd.requeue_mark.touch()
+            return f"{said}; goes on in run {self.job.restart_count + 2} of up to {b.max_jobs} (requeued)"
+        return f"{said}; no run left (batch.max_jobs {b.max_jobs}): submit again to finish"
+
+    def serve(self) -> None:
         hosts = self.job.hosts
         ident = identity(self.job.head_host, self.spec.network.interface)
         self.jd.write_stage(Stage.STARTING, f"{len(hosts)} nodes: {','.join(hosts)}")
@@ -247,10 +274,14 @@ class Head(Rank):
         config_root.mkdir(exist_ok=True)
         atomic_write(config_root / NON_CARRY_OVER, json.dumps(["VLLM_API_KEY"]) + "\n")
         server_env = self.write_env_file("vllm-0", server_environment(self.env, key, config_root))
-        argv = vllm_argv(self.plan, ident.ip, ports.api)
+        host = "127.0.0.1" if self.plan.mode == "batch" else ident.ip   # a batch's server is private
+        argv = vllm_argv(self.plan, host, ports.api)
         self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
-        url = f"http://{ident.ip}:{ports.api}"
+        url = f"http://{host}:{ports.api}"
         self.wait_ready(url)
+        if self.plan.mode == "batch":
+            self.run_batch(url, key)
+            return
         self.jd.write(self.jd.endpoint, Endpoint(
             url=f"{url}/v1", model=self.plan.served_name, host=ident.ip, port=ports.api,
             api_key_file=str(self.jd.api_key) if self.plan.api_key else None, job_id=str(self.job.job_id)))
@@ -259,6 +290,32 @@ class Head(Rank):
             self.check()
             self.check_workers()
             self.stop.wait(1.0)
+
+    def run_batch(self, url: str, key: str | None) -> None:
+        """Batch mode: the driver sends the input to the private server; DONE when every request
+        has its line, else a stop (cancel, time limit: see run()) with the counts."""
+        out = self.spec.batch_output
+        if out != self.jd.results and not self.jd.results.is_symlink():
+            self.jd.results.symlink_to(out)
+        self.jd.write_stage(Stage.READY, f"batch: private server {url}; input {self.spec.batch.input}")
+        self.jd.write_stage(Stage.BATCH, "starting")
+
+        def report(progress: BatchProgress) -> None:
+            self.jd.write(self.jd.batch, progress)
+            self.jd.write_stage(Stage.BATCH, progress.line(), log=False)
+
+        def alive() -> None:
+            self.check_alive()
+            self.check_workers()
+
+        b = self.spec.batch
+        driver = Driver(url, key, Path(b.input or ""), out, self.plan.served_name, b.concurrency, self.stop,
+                        check=alive, report=report)
+        progress = driver.run(drain=BATCH_DRAIN)
+        if progress.finished:
+            self.done_detail = progress.summary()
+            return
+        raise Stopped(self.stop_reason or "stopped", detail=progress.summary())
 
     def barrier(self, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
         """Wait until Ray reports every node and every GPU of the allocation."""

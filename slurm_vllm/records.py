@@ -31,6 +31,7 @@ class Stage(str, enum.Enum):
     RAY_JOINED = "RAY_JOINED"
     LOADING = "LOADING"
     READY = "READY"
+    BATCH = "BATCH"           # batch mode: the requests are being sent (detail: k/N, rate, ETA)
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -247,3 +248,40 @@ class RankFailure(Record):
 
     def __str__(self) -> str:
         return f"rank {self.rank} on {self.host}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class BatchProgress(Record):
+    """`batch.json`: a batch job's counts, rewritten every few seconds while it runs and at its end."""
+
+    KIND: ClassVar[str] = "batch"
+    output: str
+    total: int                   # requests in the input
+    done: int                    # with a result line in the output (from earlier runs included)
+    resumed: int                 # of those, found in the output when this run started
+    ok: int                      # this run: answered 2xx
+    refused: int                 # this run: answered with another status (a line with its error)
+    lost: int                    # this run: no answer (the server went away); they run again on resume
+    in_flight: int
+    tokens_in: int
+    tokens_out: int
+    elapsed: float               # seconds since this run started sending
+    rate: float                  # requests answered per second, this run
+    finished: bool = False
+
+    @property
+    def eta(self) -> float | None:
+        left = self.total - self.done
+        return left / self.rate if self.rate > 0 else None
+
+    def line(self) -> str:
+        """`120/1000 done, 23.4 req/s, ETA 0:00:38` (the BATCH stage's detail)."""
+        eta = None if self.eta is None else int(self.eta)
+        when = "" if eta is None else f", ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
+        return f"{self.done}/{self.total} done, {self.rate:.1f} req/s{when}"
+
+    def summary(self) -> str:
+        """The final stage's detail: counts, tokens, rate, and where the results are."""
+        return (f"{self.done}/{self.total} done ({self.ok} ok, {self.refused} refused this run), "
+                f"{self.tokens_in} tokens in, {self.tokens_out} out, {self.rate:.1f} req/s in "
+                f"{self.elapsed:.0f} s → {self.output}")

@@ -63,6 +63,8 @@ def directives(spec: JobSpec) -> list[str]:
         pairs.append(("exclusive", None))
     pairs.append(("signal", "USR2@90"))        # the ranks stop cleanly before the time limit
     pairs.append(("output", batch_log(spec)))
+    if spec.mode == "batch" and spec.batch.max_jobs > 1:   # the time limit: requeued, same id and folder
+        pairs += [("requeue", None), ("open-mode", "append")]
     pairs += extra_directives(spec)
     return [f"--{k}" if v is None else f"--{k}={shlex.quote(v)}" for k, v in pairs]
 
@@ -76,6 +78,7 @@ class JobScript:
     init_command: str          # makes the job folder from the embedded spec and plan (stdin)
     embedded: str              # the resolved spec (YAML), then the plan (JSON)
     node_command: str          # one task per node: the per-rank program
+    after_command: str = ""    # after the tasks: a batch job that must go on requeues itself
 
 
 def job_script(spec: JobSpec, plan: Plan, python: str) -> JobScript:
@@ -89,9 +92,15 @@ def job_script(spec: JobSpec, plan: Plan, python: str) -> JobScript:
         setup=tuple(spec.slurm.setup),
         init_command=f'{py} -m slurm_vllm.node init "$job_dir" "$0"',
         embedded=f"{spec_yaml.rstrip()}\n{PLAN_SEPARATOR}\n{plan.to_json().rstrip()}\n",
-        node_command=(f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --unbuffered '
+        node_command=(f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --unbuffered --open-mode=append '
                       f'--output="$job_dir/logs/task-%t.out" {py} -u -m slurm_vllm.node run "$job_dir"'),
+        after_command=(REQUEUE if spec.mode == "batch" and spec.batch.max_jobs > 1 else ""),
     )
+
+
+# The head leaves this mark when a batch stopped at the time limit must go on in a next run.
+REQUEUE = ('if [ -e "$job_dir/requeue" ]; then rm -f "$job_dir/requeue"; '
+           'scontrol requeue "$SLURM_JOB_ID"; fi   # the batch goes on in a next run')
 
 
 def split_embedded(text: str) -> tuple[str, str]:
@@ -132,7 +141,8 @@ def sbatch_text(spec: JobSpec, plan: Plan, python: str, template: str | Path | N
                 raise SpecError(f"slurm.template: {chosen}: cannot read: {exc.strerror}") from None
         return tmpl.render(
             directives=parts.directives, setup=parts.setup, init_command=parts.init_command,
-            embedded=parts.embedded, node_command=parts.node_command, version=__version__,
+            embedded=parts.embedded, node_command=parts.node_command, after_command=parts.after_command,
+            version=__version__,
             name=spec.name, jobs_root=str(spec.jobs_root_path),
             job_dir_shown=f"{spec.jobs_root_path}/{spec.name}-<job id>",
             tp_pp=f"{plan.nodes} nodes x {plan.gpus_per_node} GPUs: tensor parallel {plan.tp} x "

@@ -180,6 +180,16 @@ class RaySpec:
 
 
 @dataclass(frozen=True)
+class BatchSpec:
+    """Batch mode: an OpenAI batch input (JSONL) in, results out, and the job ends by itself."""
+
+    input: str | None = None
+    output: str | None = None       # default <jobs_root>/<name>.results.jsonl: a re-submit resumes it
+    concurrency: int = 64           # requests in flight against the job's server
+    max_jobs: int = 1               # on the time limit, go on in up to this many runs (requeued)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One slurm_vllm job: everything `submit` and `render` need."""
 
@@ -194,6 +204,8 @@ class JobSpec:
     secret_env: dict[str, str] = field(default_factory=dict)
     vllm: VllmSpec = field(default_factory=VllmSpec)
     ray: RaySpec = field(default_factory=RaySpec)
+    mode: Literal["serve", "batch"] = "serve"
+    batch: BatchSpec = field(default_factory=BatchSpec)
     jobs_root: str = DEFAULT_JOBS_ROOT
     ready_timeout: int = 1800
     preflight: bool = False
@@ -201,6 +213,11 @@ class JobSpec:
     @property
     def jobs_root_path(self) -> Path:
         return Path(self.jobs_root).expanduser()
+
+    @property
+    def batch_output(self) -> Path:
+        """Where a batch job's results go (batch.output, else beside the job folders)."""
+        return Path(self.batch.output or f"{self.jobs_root}/{self.name}.results.jsonl").expanduser()
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -387,11 +404,30 @@ def _check(spec: JobSpec) -> None:
         if name == "--name":
             raise SpecError(f"container.options[{i}]: --name is set by slurm_vllm (cleanup finds the "
                             f"containers by it)")
+    _check_batch(spec)
     iface = spec.network.interface
     if iface is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}", iface):
         raise SpecError(f"network.interface: {iface!r} is not an interface name (e.g. ib0, eth1)")
     if not 10 <= spec.ready_timeout <= 7 * 86400:
         raise SpecError(f"ready_timeout: must be 10-604800 seconds, got {spec.ready_timeout}")
+
+
+def _check_batch(spec: JobSpec) -> None:
+    b = spec.batch
+    if spec.mode != "batch":
+        if b != BatchSpec():
+            raise SpecError("batch: only with mode: batch (mode is serve)")
+        return
+    if not b.input:
+        raise SpecError("batch.input: required with mode: batch (the OpenAI batch file, JSONL)")
+    for key in ("input", "output"):
+        value = getattr(b, key)
+        if value is not None and not Path(value).expanduser().is_absolute():
+            raise SpecError(f"batch.{key}: {_show(value)} must be an absolute path (or start with ~)")
+    if not 1 <= b.concurrency <= 4096:
+        raise SpecError(f"batch.concurrency: must be 1-4096, got {b.concurrency}")
+    if not 1 <= b.max_jobs <= 100:
+        raise SpecError(f"batch.max_jobs: must be 1-100, got {b.max_jobs}")
 
 
 def _check_directive(key: str) -> None:

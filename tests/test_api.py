@@ -134,7 +134,14 @@ def test_list_rows_and_table(tmp_path: Path) -> None:
         "5", "serve", "READY", 2, "TP4xPP2", ep.url, "55:10")
     ended = listing.row(job, SlurmJob("CANCELLED by 0"), now)
     assert ended.stage == "CANCELLED" and ended.url == "" and ended.time_left == ""
-    text = listing.table([row])
-    assert text.splitlines()[0].split() == ["JOBID", "NAME", "STAGE", "NODES", "TPxPP", "AGE", "LEFT", "URL"]
+    batch = make_job(tmp_path, "batch", job_id="6")
+    batch.dir.write_stage(Stage.BATCH, "120/1000 done, 23.4 req/s, ETA 0:00:38")
+    sending = listing.row(batch, SlurmJob("RUNNING", "10:00"), now)
+    line = "120/1000 done, 23.4 req/s, ETA 0:00:38"
+    assert (sending.stage, sending.url, sending.progress) == ("BATCH", "", line)
+    text = listing.table([row, sending])
+    assert text.splitlines()[0].split() == ["JOBID", "NAME", "STAGE", "NODES", "TPxPP", "AGE", "LEFT",
+                                            "URL", "/", "PROGRESS"]
     assert text.splitlines()[1].split() == ["5", "serve", "READY", "2", "TP4xPP2", "1h02m", "55:10", ep.url]
+    assert text.splitlines()[2].endswith(f"10:00  {line}")
     assert listing.age(59) == "0m59s" and listing.age(90000) == "1d01h"

@@ -147,7 +147,9 @@ VALUES: list[tuple[str, object, str]] = [
     ("ready_timeout", 10**9, "ready_timeout"),
     ("ready_timeout", "1h", "ready_timeout"),
     ("preflight", "yes", "preflight"),
-    ("mode", "batch", "mode"),
+    ("mode", "bach", "mode"),
+    ("mode", "batch", "batch.input: required"),
+    ("batch", {"input": "/x.jsonl"}, "batch: only with mode: batch"),
     # §1: option prefixes, argv positions, managed and secret-bearing flags
     ("slurm.extra_directives", {"output=/tmp/x": True}, "slurm.extra_directives.output=/tmp/x"),
     ("slurm.extra_directives", {"sig": "USR1@5"}, "as --signal, which is managed"),

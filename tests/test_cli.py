@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.unit
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"          # what users start from
@@ -65,6 +67,14 @@ def test_every_config_validates(path: Path, tmp_path: Path) -> None:
                "SLURM_VLLM_TEST_VENV", "SLURM_VLLM_TEST_MODEL", "SLURM_VLLM_TEST_JOBS_ROOT",
                "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_SECRET_FILE")},
            "SLURM_VLLM_TEST_IMAGE": "localhost/test:latest", "SLURM_VLLM_TEST_BINDS": "/a:/a:ro,/b:/b"}
+    env.update(HOME=str(tmp_path), SLURM_VLLM_TEST_JOBS_ROOT=str(tmp_path / "jobs"))
+    data = yaml.safe_load(path.read_text())
+    if data.get("mode") == "batch":           # its input, as the spec names it (under HOME or jobs_root)
+        where = data["batch"]["input"].replace("${SLURM_VLLM_TEST_JOBS_ROOT}", str(tmp_path / "jobs"))
+        inp = Path(where.replace("~", str(tmp_path), 1))
+        inp.parent.mkdir(parents=True, exist_ok=True)
+        inp.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                                   "body": {"prompt": "x"}}) + "\n")
     out = cli("validate", str(path), env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok: ")

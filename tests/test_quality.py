@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_ruff_clean() -> None:
-    paths = ["slurm_vllm", "tests", "scripts/_testbed", "scripts/testbed"]
+    paths = ["slurm_vllm", "tests", "benchmarks", "scripts/_testbed", "scripts/testbed"]
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", *paths], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -45,6 +45,9 @@ def test_job_env_reads_slurm_once() -> None:
                                "SLURM_CPUS_PER_TASK": "16", "CUDA_VISIBLE_DEVICES": "0,1"})
     assert job == JobEnv(rank=1, job_id=77, hosts=("gpu07", "gpu08"), cpus=16, gpus=("0", "1"))
     assert job.head_host == "gpu07"
+    requeued = JobEnv.from_environ({"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu07",
+                                    "SLURM_RESTART_COUNT": "2"})
+    assert requeued.restart_count == 2 and job.restart_count == 0
     with pytest.raises(ClusterError, match="not inside a Slurm job: SLURM_JOB_ID, SLURM_JOB_NODELIST unset"):
         JobEnv.from_environ({})
 

@@ -94,3 +94,15 @@ def test_endpoint_reads_its_key(tmp_path: Path) -> None:
     assert Endpoint("u", "m", "h", 1, None, "1").api_key() is None
     with pytest.raises(JobFolderError, match="cannot read the API key"):
         Endpoint("u", "m", "h", 1, str(tmp_path / "gone"), "1").api_key()
+
+
+def test_batch_progress_lines() -> None:
+    from slurm_vllm.records import BatchProgress
+
+    p = BatchProgress(output="/o.jsonl", total=1000, done=250, resumed=50, ok=190, refused=10, lost=0,
+                      in_flight=8, tokens_in=3000, tokens_out=1600, elapsed=20.0, rate=10.0)
+    assert p.line() == "250/1000 done, 10.0 req/s, ETA 0:01:15"
+    assert p.summary() == ("250/1000 done (190 ok, 10 refused this run), 3000 tokens in, 1600 out, "
+                           "10.0 req/s in 20 s → /o.jsonl")
+    assert BatchProgress.from_json(p.to_json()) == p
+    assert BatchProgress(**{**p.__dict__, "rate": 0.0}).line() == "250/1000 done, 0.0 req/s"

@@ -127,3 +127,19 @@ def test_a_relative_template_is_found_beside_the_spec(tmp_path: Path) -> None:
     (tmp_path / "site.j2").write_text('{% extends "job.sbatch.j2" %}')
     (tmp_path / "job.yaml").write_text("name: t\nmodel: {path: /m}\nslurm: {template: site.j2}\n")
     assert spec.load(tmp_path / "job.yaml").slurm.template == str(tmp_path / "site.j2")
+
+
+def test_a_batch_that_may_go_on_requeues_itself_after_its_tasks() -> None:
+    """max_jobs > 1: `--requeue`, appended logs, and after srun the line that requeues the job when
+    the head left the mark; a batch of one run, or a serving job, has neither."""
+    data = {**SPEC, "mode": "batch", "batch": {"input": "/data/in.jsonl", "max_jobs": 3}}
+    s = spec.parse(data)
+    text = render.sbatch_text(s, plan.make(s, {}), "/usr/bin/python3")
+    assert "#SBATCH --requeue\n" in text and "#SBATCH --open-mode=append\n" in text
+    srun = next(i for i, line in enumerate(text.splitlines()) if line.startswith("srun "))
+    assert text.splitlines()[srun + 1] == render.REQUEUE
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    one = spec.parse({**data, "batch": {"input": "/data/in.jsonl"}})
+    for quiet in (one, spec.parse(SPEC)):
+        other = render.sbatch_text(quiet, plan.make(quiet, {}), "/usr/bin/python3")
+        assert "--requeue" not in other and "scontrol requeue" not in other

@@ -1,4 +1,5 @@
-"""The rank's watchdog with real processes: a rank killed outright (SIGKILL) leaves nothing running."""
+"""A rank's children with real processes: a rank killed outright (SIGKILL) leaves nothing running
+(the watchdog), and the time-limit signal does not kill them before the rank stops them."""
 
 from __future__ import annotations
 
@@ -69,3 +70,24 @@ def test_signals_for_the_rank_do_not_stop_the_watchdog_and_done_disarms_it() -> 
     finally:
         child.kill()
         child.wait()
+
+
+def test_children_outlive_the_time_limit_signal_until_the_rank_stops_them(tmp_path: Path) -> None:
+    """Slurm's SIGUSR2 (--signal=USR2@90) reaches every process of the step: a rank's child must not
+    die of it (a batch drains its requests first), yet SIGTERM from the rank's teardown ends it."""
+    from slurm_vllm import proc
+
+    child = proc.spawn("sleeper", ["python3", "-c", "import time; time.sleep(60)"], tmp_path / "s.log")
+    try:
+        deadline = time.monotonic() + 10            # until the wrapper has exec'd python
+        while Path(f"/proc/{child.popen.pid}/comm").read_text().strip() != "python3":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(child.popen.pid, signal.SIGUSR2)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.popen.wait(timeout=0.3)           # still running after the signal
+    finally:
+        proc.terminate_all([child], timeout=5)
+    assert child.returncode() == -signal.SIGTERM
+    with pytest.raises(proc.CommandError, match="sleeper: no-such-program: command not found"):
+        proc.spawn("sleeper", ["no-such-program"], tmp_path / "s.log")

@@ -1,0 +1,237 @@
+"""The batch driver (rank 0, batch mode): stream the input to the job's own vLLM server with
+`concurrency` requests in flight, and append each result to the output as it completes.
+
+The input is read a line at a time and the output is appended a line at a time (flushed at once,
+fsynced every second), so a crash loses at most the requests in flight, and neither file is ever
+held in memory. A request with a result line in the output already is skipped (resume); a
+half-written last line is cut first (batchio.repair). A request that gets an HTTP answer gets a
+line, whatever its status (a refusal is a line with its status and error); one that gets no answer
+(the server went away) gets none, so it runs again on resume. On a stop (scancel, the time limit)
+the driver sends nothing more, waits up to `drain` seconds for the requests in flight, and ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import http.client
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .batchio import check_request, done_ids, lines, repair
+from .errors import SlurmVllmError
+from .records import BatchProgress
+
+REQUEST_TIMEOUT = 3600.0          # one request may wait this long for its answer (long generations)
+
+
+class BatchError(SlurmVllmError):
+    """The batch could not run to its end (the output is locked, the server stopped answering)."""
+
+
+class Driver:
+    """One run of a batch against the server at URL (http://host:port)."""
+
+    def __init__(self, url: str, api_key: str | None, input_path: Path, output_path: Path, served_name: str,
+                 concurrency: int, stop: threading.Event, check: Callable[[], None] = lambda: None,
+                 report: Callable[[BatchProgress], None] = lambda p: None, report_every: float = 2.0) -> None:
+        parsed = urlparse(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.input, self.output = input_path, output_path
+        self.served_name, self.concurrency = served_name, concurrency
+        self.stop, self.check, self.report, self.report_every = stop, check, report, report_every
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.counts = {"ok": 0, "refused": 0, "lost": 0, "in_flight": 0, "tokens_in": 0, "tokens_out": 0,
+                       "done": 0, "resumed": 0, "total": 0}
+        self.closed = False
+        self.lost_reason = ""
+        self.started = time.monotonic()
+        self.last_sync = self.next_report = 0.0
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self, drain: float = 60.0) -> BatchProgress:
+        """Send every request not yet in the output; return the final counts (finished: all done).
+        After a stop, wait at most DRAIN seconds for the requests in flight."""
+        repair(self.output)
+        fd = os.open(self.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BatchError(f"batch.output: {self.output} is being written by another job") from None
+        self.out = os.fdopen(fd, "ab")
+        try:
+            with done_ids(self.output) as done:
+                for _, raw in lines(self.input):
+                    if raw.strip():
+                        self.counts["total"] += 1
+                        self.counts["resumed"] += _cid(raw) in done
+                self.counts["done"] = self.counts["resumed"]
+                self._send_all(done, drain)
+        finally:
+            with self.lock:
+                self.closed = True
+                self.out.flush()
+                os.fsync(self.out.fileno())
+                self.out.close()
+        progress = self.progress()
+        self.report(progress)
+        if self.counts["lost"]:
+            raise BatchError(f"{self.counts['lost']} requests got no answer ({self.lost_reason}); "
+                             f"{progress.done}/{progress.total} done: submit again to finish")
+        return progress
+
+    def _send_all(self, done: Any, drain: float) -> None:
+        slots = threading.BoundedSemaphore(self.concurrency)
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="batch")
+        try:
+            for number, raw in lines(self.input):
+                if not raw.strip():
+                    continue
+                req, problem = check_request(raw, self.served_name)
+                if req is None:          # validated at submit: the file changed since
+                    raise BatchError(f"batch.input: {self.input} line {number}: {problem}")
+                if req["custom_id"] in done:
+                    continue
+                if not self._slot(slots):
+                    break
+                with self.lock:
+                    self.counts["in_flight"] += 1
+                pool.submit(self._one, req).add_done_callback(lambda _f: slots.release())
+            deadline = time.monotonic() + (drain if self.stop.is_set() else REQUEST_TIMEOUT)
+            while self.counts["in_flight"] and time.monotonic() < deadline:
+                self._tick(check=not self.stop.is_set())
+                time.sleep(0.05)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _slot(self, slots: threading.BoundedSemaphore) -> bool:
+        """Wait for a free slot among CONCURRENCY; False when the run must stop sending (a stop, or
+        requests that got no answer: the server is going away)."""
+        while True:
+            self._tick()
+            if self.stop.is_set() or self.counts["lost"]:
+                return False
+            if slots.acquire(timeout=0.5):
+                if self.stop.is_set() or self.counts["lost"]:
+                    slots.release()
+                    return False
+                return True
+
+    def _tick(self, check: bool = True) -> None:
+        """Between two sends: the rank's check (a dead server fails the job), an fsync every second,
+        a progress report every report_every seconds."""
+        if check:
+            self.check()
+        now = time.monotonic()
+        if now - self.last_sync >= 1.0:
+            with self.lock:
+                if not self.closed:
+                    self.out.flush()
+                    os.fsync(self.out.fileno())
+            self.last_sync = now
+        if now >= self.next_report:
+            self.report(self.progress())
+            self.next_report = now + self.report_every
+
+    def progress(self, finished: bool | None = None) -> BatchProgress:
+        c = self.counts
+        elapsed = time.monotonic() - self.started
+        answered = c["ok"] + c["refused"]
+        return BatchProgress(
+            output=str(self.output), total=c["total"], done=c["done"], resumed=c["resumed"], ok=c["ok"],
+            refused=c["refused"], lost=c["lost"], in_flight=c["in_flight"], tokens_in=c["tokens_in"],
+            tokens_out=c["tokens_out"], elapsed=round(elapsed, 3),
+            rate=round(answered / elapsed, 3) if elapsed > 0 else 0.0,
+            finished=c["done"] == c["total"] if finished is None else finished)
+
+    # -- one request -----------------------------------------------------------------------------
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT)
+            self.local.conn = conn
+        return conn
+
+    def _post(self, url: str, body: bytes) -> tuple[int, bytes, str]:
+        """(status, body, request id) of one POST; reconnects once (a keep-alive connection the server
+        closed); OSError/HTTPException when there is no answer."""
+        for attempt in (1, 2):
+            conn = self._conn()
+            try:
+                conn.request("POST", url, body=body, headers=self.headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read(), resp.getheader("x-request-id") or ""
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self.local.conn = None
+                if attempt == 2 or self.stop.is_set():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _one(self, req: dict[str, Any]) -> None:
+        body = dict(req["body"])
+        body.setdefault("model", self.served_name)
+        try:
+            status, raw, request_id = self._post(req["url"], json.dumps(body).encode())
+        except (OSError, http.client.HTTPException) as exc:
+            with self.lock:
+                self.counts["in_flight"] -= 1
+                self.counts["lost"] += 1
+                self.lost_reason = self.lost_reason or f"{type(exc).__name__}: {exc}"
+            return
+        try:
+            answer: Any = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            answer = {"text": raw.decode(errors="replace")}
+        error = None if 200 <= status < 300 else {"code": str(status), "message": _message(answer)}
+        line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req["custom_id"],
+                "response": {"status_code": status, "request_id": request_id or f"req_{uuid.uuid4().hex}",
+                             "body": answer},
+                "error": error}
+        data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        with self.lock:
+            self.counts["in_flight"] -= 1
+            if self.closed:
+                return                   # after the drain: not written, runs again on resume
+            self.out.write(data)
+            self.out.flush()
+            self.counts["done"] += 1
+            self.counts["ok" if error is None else "refused"] += 1
+            if isinstance(usage, dict):
+                self.counts["tokens_in"] += int(usage.get("prompt_tokens") or 0)
+                self.counts["tokens_out"] += int(usage.get("completion_tokens") or 0)
+
+
+def _cid(raw: bytes) -> str | None:
+    with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+        value = json.loads(raw).get("custom_id")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _message(answer: Any) -> str:
+    """The error message of a refusal, whichever shape the server used ({"message"} or {"error":
+    {"message"}}), at most 2000 characters."""
+    if isinstance(answer, dict):
+        inner = answer.get("error")
+        if isinstance(inner, dict) and "message" in inner:
+            return str(inner["message"])[:2000]
+        if "message" in answer:
+            return str(answer["message"])[:2000]
+    return json.dumps(answer)[:2000]

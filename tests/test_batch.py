@@ -1,0 +1,278 @@
+"""Batch mode's file side and driver: input validation, output repair, resume, concurrency, stops.
+
+The driver talks real HTTP to a small local server that answers like vLLM's OpenAI endpoints (the
+e2e tier runs it against real vLLM); it counts requests in flight, refuses what it is told to, and
+can be stopped mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slurm_vllm.batchdriver import BatchError, Driver
+from slurm_vllm.batchio import BatchInputError, done_ids, repair, validate
+
+pytestmark = pytest.mark.unit
+
+
+def request(i: int, url: str = "/v1/completions", **body: Any) -> dict[str, Any]:
+    if url == "/v1/chat/completions":
+        payload: dict[str, Any] = {"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 4}
+    else:
+        payload = {"prompt": f"p{i}", "max_tokens": 4}
+    return {"custom_id": f"req-{i}", "method": "POST", "url": url, "body": {**payload, **body}}
+
+
+def write_input(path: Path, reqs: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    return path
+
+
+def results(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def test_a_valid_input_is_counted_by_url(tmp_path: Path) -> None:
+    reqs = [request(i, "/v1/chat/completions" if i % 2 else "/v1/completions") for i in range(10)]
+    reqs.append({**request(99, "/v1/embeddings"), "body": {"input": "x", "model": "tiny"}})
+    summary = validate(write_input(tmp_path / "in.jsonl", reqs), "tiny")
+    assert summary.requests == 11
+    assert summary.by_url == {"/v1/completions": 5, "/v1/chat/completions": 5, "/v1/embeddings": 1}
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("{not json", "line 2: not JSON"),
+    ("[1, 2]", "line 2: a JSON list, not an object"),
+    ('{"method": "POST", "url": "/v1/completions", "body": {}}', "line 2: custom_id is missing"),
+    ('{"custom_id": "a", "url": "/v1/images", "body": {}}', "line 2: url '/v1/images'"),
+    ('{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}', "line 2: method 'GET'"),
+    ('{"custom_id": "a", "url": "/v1/completions"}', "line 2: body is missing"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"model": "gpt-4"}}',
+     "line 2: body.model 'gpt-4' is not the served model 'tiny'"),
+    (json.dumps(request(0)), "line 2: custom_id 'req-0' repeats line 1"),
+])
+def test_each_bad_line_is_named(line: str, says: str, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(request(0)) + "\n" + line + "\n")
+    with pytest.raises(BatchInputError) as info:
+        validate(path, "tiny")
+    assert str(info.value).startswith(f"batch.input: {path} {says}"), info.value
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_beyond_ten_errors_only_a_count(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join("{bad\n" for _ in range(25)))
+    with pytest.raises(BatchInputError) as info:
+        validate(path, "tiny")
+    shown = str(info.value).splitlines()
+    assert len(shown) == 11 and shown[-1] == "… and 15 more errors"
+    assert shown[0].endswith("line 1: not JSON (Expecting property name enclosed in double quotes)")
+
+
+def test_an_empty_or_missing_input_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(BatchInputError, match="no requests"):
+        validate(tmp_path / "empty.jsonl", "tiny")
+    with pytest.raises(BatchInputError, match="not a file"):
+        validate(tmp_path / "missing.jsonl", "tiny")
+
+
+# -- the output ---------------------------------------------------------------------------------
+
+def test_repair_cuts_only_a_half_written_last_line(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    good = '{"custom_id": "a", "response": {}}\n{"custom_id": "b", "response": {}}\n'
+    out.write_text(good)
+    assert repair(out) == 0 and out.read_text() == good
+    out.write_text(good + '{"custom_id": "c", "resp')
+    assert repair(out) == len('{"custom_id": "c", "resp') and out.read_text() == good
+    out.write_text('{"custom_id": "c"')                          # the only line, half written
+    assert repair(out) > 0 and out.read_text() == ""
+    with done_ids(out) as done:
+        assert len(done) == 0
+
+
+# -- the driver against a real HTTP server --------------------------------------------------------
+
+class FakeVllm:
+    """A threaded HTTP server answering /v1/completions and /v1/chat/completions like vLLM: 200
+    with usage; 400 for prompts holding "bad"; counts the most requests ever in flight."""
+
+    def __init__(self, delay: float = 0.01) -> None:
+        self.delay, self.in_flight, self.most, self.seen = delay, 0, 0, 0
+        self.lock = threading.Lock()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.dead = threading.Event()              # set: answer nothing, drop the connection
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.in_flight += 1
+                    fake.seen += 1
+                    fake.most = max(fake.most, fake.in_flight)
+                fake.hold.wait()
+                time.sleep(fake.delay)
+                with fake.lock:
+                    fake.in_flight -= 1
+                if fake.dead.is_set():
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                text = json.dumps(body)
+                if "bad" in text:
+                    status, answer = 400, {"error": {"message": "bad request: bad prompt", "code": 400}}
+                elif self.headers.get("Authorization") != "Bearer sk-test":
+                    status, answer = 401, {"error": {"message": "unauthorized"}}
+                else:
+                    status, answer = 200, {"model": body["model"], "choices": [{"text": "ok"}],
+                                           "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server() -> Any:
+    fake = FakeVllm()
+    yield fake
+    fake.close()
+
+
+def driver(fake: FakeVllm, tmp_path: Path, reqs: int | list[dict[str, Any]], concurrency: int = 8,
+           stop: threading.Event | None = None, **kw: Any) -> Driver:
+    items = [request(i, "/v1/chat/completions" if i % 3 == 0 else "/v1/completions")
+             for i in range(reqs)] if isinstance(reqs, int) else reqs
+    inp = write_input(tmp_path / "in.jsonl", items)
+    return Driver(fake.url, "sk-test", inp, tmp_path / "out.jsonl", "tiny", concurrency,
+                  stop or threading.Event(), **kw)
+
+
+def test_every_request_gets_exactly_one_line_with_concurrency_bounded(server: FakeVllm,
+                                                                     tmp_path: Path) -> None:
+    reqs = [request(i) for i in range(300)] + [request(300, prompt="a bad one"), request(301, prompt="bad")]
+    reports: list[Any] = []
+    progress = driver(server, tmp_path, reqs, concurrency=8, report=reports.append, report_every=0.0).run()
+    lines = results(tmp_path / "out.jsonl")
+    assert sorted(r["custom_id"] for r in lines) == sorted(r["custom_id"] for r in reqs)
+    assert 2 <= server.most <= 8                                  # in flight, as the server saw it
+    refused = [r for r in lines if r["error"]]
+    assert {r["custom_id"] for r in refused} == {"req-300", "req-301"}
+    assert refused[0]["response"]["status_code"] == 400 and "bad prompt" in refused[0]["error"]["message"]
+    ok = next(r for r in lines if r["custom_id"] == "req-0")
+    assert ok["error"] is None and ok["response"]["status_code"] == 200 and ok["id"].startswith("batch_req_")
+    assert ok["response"]["body"]["model"] == "tiny"              # the served name filled in
+    counts = (progress.total, progress.done, progress.ok, progress.refused, progress.lost)
+    assert counts == (302, 302, 300, 2, 0)
+    assert progress.finished and progress.tokens_in == 900 and progress.tokens_out == 600
+    assert reports and reports[-1].done == 302 and all(r.in_flight <= 8 for r in reports)
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_resume_skips_what_is_done_and_repairs_a_half_line(server: FakeVllm, tmp_path: Path) -> None:
+    first = driver(server, tmp_path, 120)
+    first.run()
+    out = tmp_path / "out.jsonl"
+    kept = out.read_text().splitlines()[:50]
+    out.write_text("\n".join(kept) + "\n" + kept[-1][:30])       # 50 results and a crash mid-line
+    seen_before = server.seen
+    progress = driver(server, tmp_path, 120).run()
+    assert server.seen - seen_before == 70                         # only the 70 missing were sent
+    ids = [r["custom_id"] for r in results(out)]
+    assert len(ids) == len(set(ids)) == 120
+    assert (progress.resumed, progress.done, progress.ok) == (50, 120, 70)
+
+
+def test_a_stop_drains_what_is_in_flight_and_a_resume_finishes(server: FakeVllm, tmp_path: Path) -> None:
+    stop = threading.Event()
+    server.delay = 0.02
+
+    def stop_after_some(p: Any) -> None:
+        if p.done >= 30:
+            stop.set()
+
+    progress = driver(server, tmp_path, 150, concurrency=4, stop=stop, report=stop_after_some,
+                      report_every=0.0).run(drain=30)
+    assert not progress.finished and 30 <= progress.done < 150 and progress.in_flight == 0
+    ids = [r["custom_id"] for r in results(tmp_path / "out.jsonl")]
+    assert len(ids) == len(set(ids)) == progress.done                # every sent request has its line
+    final = driver(server, tmp_path, 150, concurrency=4).run()
+    ids = [r["custom_id"] for r in results(tmp_path / "out.jsonl")]
+    assert final.finished and len(ids) == len(set(ids)) == 150
+
+
+def test_requests_without_an_answer_get_no_line_and_fail_the_run(tmp_path: Path) -> None:
+    fake = FakeVllm()
+    fake.hold.clear()                                              # every request waits...
+    d = driver(fake, tmp_path, 50, concurrency=4)
+    threading.Timer(0.5, lambda: (fake.dead.set(), fake.hold.set(), fake.close())).start()  # ...then it dies
+    with pytest.raises(BatchError, match="requests got no answer"):
+        d.run()
+    ids = [r["custom_id"] for r in results(tmp_path / "out.jsonl")]
+    assert len(ids) == len(set(ids)) and len(ids) < 50              # lost ones run again on resume
+
+
+def test_one_output_is_written_by_one_job_at_a_time(server: FakeVllm, tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    out = tmp_path / "out.jsonl"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(BatchError, match="being written by another job"):
+            driver(server, tmp_path, 3).run()
+    finally:
+        os.close(fd)
+
+
+def test_submit_and_validate_refuse_a_bad_input_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2, the line named, nothing submitted (no sbatch runs: the check comes first)."""
+    import yaml
+
+    from slurm_vllm import cli
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(request(0)) + "\n" + json.dumps(request(0)) + "\n")
+    spec = tmp_path / "b.yaml"
+    spec.write_text(yaml.safe_dump({"name": "b", "model": {"path": "/m", "served_name": "tiny"},
+                                    "jobs_root": str(tmp_path / "jobs"), "mode": "batch",
+                                    "batch": {"input": str(inp)}}))
+    for verb in ("validate", "submit"):
+        assert cli.main([verb, str(spec)]) == 2
+        err = capsys.readouterr().err
+        said = f"slurm_vllm: error: batch.input: {inp} line 2: custom_id 'req-0' repeats line 1"
+        assert err.strip() == said
+    assert not (tmp_path / "jobs").exists()

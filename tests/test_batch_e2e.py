@@ -1,0 +1,181 @@
+"""e2e: batch mode on the test bed (real Slurm, Ray, vLLM): a JSONL of requests in, results out,
+the job ends by itself; cancel and resume; the time limit continued in a requeued run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .support.cli import cli, status
+from .support.reference import greedy_chat, greedy_completion
+from .test_failures_e2e import wait_final, wait_released
+from .test_serve_e2e import CONFIGS, logs
+
+pytestmark = pytest.mark.e2e
+QUESTION = "What is a slurm node?"
+# More than a 3-minute run of a 1-node job can answer: it sends for 30-60 s (SIGUSR2 comes 90 s before
+# the limit, give or take Slurm's 30 s check), at about 50 req/s here (max_tokens 16, concurrency 8).
+TIME_LIMIT_REQUESTS = 8000
+
+
+def chat(i: int, max_tokens: int = 8) -> dict[str, Any]:
+    return {"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": f"{QUESTION} ({i})"}], "max_tokens": max_tokens,
+                     "temperature": 0}}
+
+
+def completion(i: int, max_tokens: int = 8) -> dict[str, Any]:
+    return {"custom_id": f"text-{i}", "method": "POST", "url": "/v1/completions",
+            "body": {"prompt": f"The number {i} is", "max_tokens": max_tokens, "temperature": 0}}
+
+
+BAD = [  # valid batch lines that the server refuses: each must get a line with its status and error
+    {"custom_id": "bad-max-tokens", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}},
+    {"custom_id": "bad-too-long", "method": "POST", "url": "/v1/completions",
+     "body": {"prompt": "word " * 400, "max_tokens": 4}},
+    {"custom_id": "bad-messages", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": "not a list", "max_tokens": 4}},
+]
+
+
+def batch_spec(folder: Path, name: str, requests: list[dict[str, Any]], **changes: Any) -> Path:
+    """The batch test config as NAME, its input (REQUESTS) and output in FOLDER (on the shared file
+    system), with CHANGES ({"slurm.time": "3"})."""
+    data = yaml.safe_load((CONFIGS / "test-batch-tp2.yaml").read_text())
+    data["name"] = name
+    data["batch"].update(input=str(folder / "input.jsonl"), output=str(folder / "results.jsonl"))
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (folder / "input.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def results(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def text_of(line: dict[str, Any]) -> str:
+    choice = line["response"]["body"]["choices"][0]
+    return str(choice["message"]["content"] if "message" in choice else choice["text"])
+
+
+def test_a_batch_runs_to_its_end_with_a_line_for_every_request(testbed: dict[str, str],
+                                                               job_dir: Path) -> None:
+    """2 nodes, TP2 across them, 240 requests (chat, completions, 3 the server refuses): every
+    custom_id once, refusals as lines with their status and error, a sample equal to the greedy
+    reference, the job DONE by itself and the nodes idle."""
+    requests = [chat(i) for i in range(120)] + [completion(i) for i in range(117)] + BAD
+    spec = batch_spec(job_dir, "batch-main", requests)
+    out = cli("validate", str(spec))
+    assert out.returncode == 0 and "ok: batch input" in out.stdout and "240 requests" in out.stdout, out
+    t0 = time.monotonic()
+    out = cli("submit", str(spec), "--wait", "--json", timeout=900)
+    job = json.loads(out.stdout.splitlines()[0])
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + logs(job["job_dir"])
+    assert "batch: 240/240 done (237 ok, 3 refused this run)" in out.stderr, out.stderr
+    lines = results(job_dir)
+    ids = [line["custom_id"] for line in lines]
+    assert len(ids) == len(set(ids)) == 240 and set(ids) == {r["custom_id"] for r in requests}
+    refused = {line["custom_id"]: line for line in lines if line["error"] is not None}
+    assert set(refused) == {r["custom_id"] for r in BAD}, sorted(refused)
+    assert all(400 <= line["response"]["status_code"] < 500 and line["error"]["message"]
+               for line in refused.values())
+    by_id = {line["custom_id"]: line for line in lines}
+    model = testbed["SLURM_VLLM_TEST_MODEL"]
+    for i in (0, 57, 116):          # vLLM holds back a last partial UTF-8 character; the reference shows �
+        want_chat = greedy_chat(model, f"{QUESTION} ({i})", 8).rstrip("\ufffd")
+        want_text = greedy_completion(model, f"The number {i} is", 8).rstrip("\ufffd")
+        assert (text_of(by_id[f"chat-{i}"]), text_of(by_id[f"text-{i}"])) == (want_chat, want_text)
+    st = status(job["job_id"])
+    assert st["stage"] == "DONE" and st["batch"]["finished"] and st["batch"]["total"] == 240, st
+    stages = [line.split()[1] for line in (Path(job["job_dir"]) / "stage.log").read_text().splitlines()]
+    assert stages[-3:] == ["READY", "BATCH", "DONE"], stages
+    wait_released(job["job_id"])
+    print(f"batch of 240 on TP2 x 2 nodes: {time.monotonic() - t0:.0f} s from submit to DONE; "
+          f"{st['batch']['rate']} req/s while sending")
+
+
+def test_a_cancelled_batch_keeps_its_lines_and_a_resubmit_finishes_it(testbed: dict[str, str],
+                                                                      job_dir: Path) -> None:
+    requests = [completion(i, max_tokens=32) for i in range(300)]
+    spec = batch_spec(job_dir, "batch-resume", requests, **{"slurm.nodes": 1, "parallelism.tensor": 1,
+                                                          "batch.concurrency": 4})
+    out = cli("submit", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
+    deadline = time.monotonic() + 600
+    while (st := status(job["job_id"]))["batch"] is None or st["batch"]["done"] < 30:
+        assert st["stage"] not in ("FAILED", "DONE", "CANCELLED"), st
+        assert time.monotonic() < deadline, st
+        time.sleep(1)
+    assert cli("cancel", job["job_id"]).returncode == 0
+    st, _ = wait_final(job["job_id"], 60)
+    assert st["stage"] == "CANCELLED", st
+    wait_released(job["job_id"])
+    kept = [line["custom_id"] for line in results(job_dir)]
+    assert 30 <= len(kept) < 300 and len(kept) == len(set(kept))
+    out = cli("submit", str(spec), "--wait", "--json", timeout=900)
+    again = json.loads(out.stdout.splitlines()[0])
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + logs(again["job_dir"])
+    ids = [line["custom_id"] for line in results(job_dir)]
+    assert len(ids) == len(set(ids)) == 300
+    st = status(again["job_id"])
+    assert st["batch"]["resumed"] == len(kept) and st["batch"]["ok"] == 300 - len(kept), st
+    wait_released(again["job_id"])
+
+
+def test_a_batch_past_the_time_limit_goes_on_in_a_requeued_run(testbed: dict[str, str],
+                                                              job_dir: Path) -> None:
+    """slurm.time 3 minutes cannot hold the batch: at SIGUSR2 the first run stops sending, keeps its
+    lines and requeues the job; the same job id and folder go on from there and finish it.
+
+    Two test-bed shortcuts, as the cluster's admin (the tests run as root): once the requeued job
+    is pending, it is made eligible at once (Slurm holds a requeued job about 2 minutes) and given
+    15 minutes, so that the second run finishes whatever this machine's speed."""
+    requests = [completion(i, max_tokens=16) for i in range(TIME_LIMIT_REQUESTS)]
+    spec = batch_spec(job_dir, "batch-requeue", requests, **{
+        "slurm.nodes": 1, "parallelism.tensor": 1, "slurm.time": "3", "batch.max_jobs": 3,
+        "batch.concurrency": 8})
+    out = cli("submit", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
+    job_id, folder = job["job_id"], Path(job["job_dir"])
+    deadline = time.monotonic() + 400
+    log = folder / "stage.log"
+    while not log.exists() or "PENDING time limit: " not in log.read_text():
+        st = status(job_id)
+        assert st["stage"] not in ("FAILED", "DONE", "CANCELLED", "TIMEOUT"), st
+        assert time.monotonic() < deadline, st
+        time.sleep(1)
+    first_run = len(results(job_dir))
+    assert 0 < first_run < TIME_LIMIT_REQUESTS
+    while subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                         text=True).stdout.strip() != "PENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=15"], check=True)
+    st, _ = wait_final(job_id, 900)
+    assert st["stage"] == "DONE", st
+    ids = [line["custom_id"] for line in results(job_dir)]
+    assert len(ids) == len(set(ids)) == TIME_LIMIT_REQUESTS
+    assert st["batch"]["resumed"] >= first_run and st["batch"]["done"] == TIME_LIMIT_REQUESTS, st
+    said = log.read_text()
+    assert "goes on in run 2 of up to 3 (requeued)" in said and "requeued: starting again" in said, said
+    runs = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
+                          capture_output=True, text=True).stdout.split()
+    assert runs == ["REQUEUED", "COMPLETED"], runs
+    wait_released(job_id)
+    print(f"time limit: run 1 answered {first_run}/{TIME_LIMIT_REQUESTS}, run 2 the rest; sacct {runs}")
