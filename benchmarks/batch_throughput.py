@@ -1,5 +1,5 @@
 """Benchmark: batch mode's steady-state throughput against `vllm run-batch`, and its change with
-`batch.concurrency`, on the test bed (same model, same node, TP1 x PP1, the same 1,000 requests).
+`batch.concurrency`, on the test bed (same model, same node, TP1 x PP1, the same 1,000 chat requests).
 
 slurm_vllm: one batch job per concurrency; the rate is the driver's (answered / seconds sending,
 batch.json), start-up is submit → BATCH. vllm run-batch: one process in a plain sbatch job on the
@@ -39,9 +39,11 @@ done
 
 
 def requests(n: int) -> str:
-    return "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                               "body": {"model": "tiny", "prompt": f"The number {i} is", "max_tokens": 16,
-                                        "temperature": 0}}) + "\n" for i in range(n))
+    """N chat requests (vllm run-batch takes chat, not /v1/completions), 16 tokens each."""
+    return "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": "tiny", "max_tokens": 16, "temperature": 0,
+                                        "messages": [{"role": "user", "content": f"Count to {i}."}]}}) + "\n"
+                   for i in range(n))
 
 
 def wait_gone(job_id: str) -> None:

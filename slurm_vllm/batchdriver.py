@@ -31,6 +31,7 @@ from .errors import SlurmVllmError
 from .records import BatchProgress
 
 REQUEST_TIMEOUT = 3600.0          # one request may wait this long for its answer (long generations)
+CHECK_EVERY = 0.5                 # the rank's liveness check (children, worker failure files) between sends
 
 
 class BatchError(SlurmVllmError):
@@ -58,20 +59,20 @@ class Driver:
         self.closed = False
         self.lost_reason = ""
         self.started = time.monotonic()
-        self.last_sync = self.next_report = 0.0
+        self.last_sync = self.next_report = self.last_check = 0.0
 
     # -- the run ---------------------------------------------------------------------------------
 
-    def run(self, drain: float = 60.0) -> BatchProgress:
+    def run(self, drain: Callable[[], float] = lambda: 60.0) -> BatchProgress:
         """Send every request not yet in the output; return the final counts (finished: all done).
-        After a stop, wait at most DRAIN seconds for the requests in flight."""
-        repair(self.output)
+        After a stop, wait at most DRAIN() seconds (asked then) for the requests in flight."""
         fd = os.open(self.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise BatchError(f"batch.output: {self.output} is being written by another job") from None
+        repair(self.output)                  # ours now: a half line can only be from a crash
         self.out = os.fdopen(fd, "ab")
         try:
             with done_ids(self.output) as done:
@@ -94,7 +95,7 @@ class Driver:
                              f"{progress.done}/{progress.total} done: submit again to finish")
         return progress
 
-    def _send_all(self, done: Any, drain: float) -> None:
+    def _send_all(self, done: Any, drain: Callable[[], float]) -> None:
         slots = threading.BoundedSemaphore(self.concurrency)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="batch")
         try:
@@ -111,7 +112,7 @@ class Driver:
                 with self.lock:
                     self.counts["in_flight"] += 1
                 pool.submit(self._one, req).add_done_callback(lambda _f: slots.release())
-            deadline = time.monotonic() + (drain if self.stop.is_set() else REQUEST_TIMEOUT)
+            deadline = time.monotonic() + (drain() if self.stop.is_set() else REQUEST_TIMEOUT)
             while self.counts["in_flight"] and time.monotonic() < deadline:
                 self._tick(check=not self.stop.is_set())
                 time.sleep(0.05)
@@ -132,11 +133,12 @@ class Driver:
                 return True
 
     def _tick(self, check: bool = True) -> None:
-        """Between two sends: the rank's check (a dead server fails the job), an fsync every second,
-        a progress report every report_every seconds."""
-        if check:
-            self.check()
+        """Between two sends, at most every CHECK_EVERY seconds the rank's check (a dead server or
+        worker fails the job); an fsync every second; a progress report every report_every seconds."""
         now = time.monotonic()
+        if check and now - self.last_check >= CHECK_EVERY:
+            self.check()
+            self.last_check = now
         if now - self.last_sync >= 1.0:
             with self.lock:
                 if not self.closed:

@@ -41,6 +41,7 @@ from .watchdog import Watchdog
 
 POLL = 0.5          # seconds between two looks at a fact (port, Ray, HTTP); never a stand-in for one
 BATCH_DRAIN = 50.0  # after SIGUSR2 (90 s before the limit), wait this long for the requests in flight
+CANCEL_DRAIN = 5.0  # after a cancel: Slurm's KillWait (30 s by default) covers this and the teardown
 
 
 class Rank:
@@ -311,7 +312,7 @@ class Head(Rank):
         b = self.spec.batch
         driver = Driver(url, key, Path(b.input or ""), out, self.plan.served_name, b.concurrency, self.stop,
                         check=alive, report=report)
-        progress = driver.run(drain=BATCH_DRAIN)
+        progress = driver.run(drain=lambda: BATCH_DRAIN if self.stop_reason == "TIMEOUT" else CANCEL_DRAIN)
         if progress.finished:
             self.done_detail = progress.summary()
             return

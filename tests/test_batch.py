@@ -222,7 +222,7 @@ def test_a_stop_drains_what_is_in_flight_and_a_resume_finishes(server: FakeVllm,
             stop.set()
 
     progress = driver(server, tmp_path, 150, concurrency=4, stop=stop, report=stop_after_some,
-                      report_every=0.0).run(drain=30)
+                      report_every=0.0).run(drain=lambda: 30)
     assert not progress.finished and 30 <= progress.done < 150 and progress.in_flight == 0
     ids = [r["custom_id"] for r in results(tmp_path / "out.jsonl")]
     assert len(ids) == len(set(ids)) == progress.done                # every sent request has its line
