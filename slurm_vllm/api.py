@@ -234,7 +234,7 @@ def check_batch_input(spec: JobSpec, plan: Plan) -> InputSummary | None:
 def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job:
     """Submit SPEC (a YAML file or a JobSpec); the Job returns at once (wait() for READY, or for
     DONE in batch mode). A batch input is checked first."""
-    from .submit import submit as sbatch
+    from .sbatch import submit as sbatch
 
     job_spec, plan = load(spec)
     if not preflight_only:

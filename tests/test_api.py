@@ -145,3 +145,18 @@ def test_list_rows_and_table(tmp_path: Path) -> None:
     assert text.splitlines()[1].split() == ["5", "serve", "READY", "2", "TP4xPP2", "1h02m", "55:10", ep.url]
     assert text.splitlines()[2].endswith(f"10:00  {line}")
     assert listing.age(59) == "0m59s" and listing.age(90000) == "1d01h"
+
+
+def test_the_package_exports_are_never_shadowed_by_a_submodule() -> None:
+    """`slurm_vllm.submit(...)` must stay the API function even after the code that submits has been
+    imported: a submodule of the same name would replace the attribute on first import."""
+    import importlib
+    import pkgutil
+
+    import slurm_vllm
+
+    modules = {m.name for m in pkgutil.iter_modules(slurm_vllm.__path__)}
+    assert not modules & set(slurm_vllm.__all__)
+    for name in modules - {"__main__"}:
+        importlib.import_module(f"slurm_vllm.{name}")
+    assert slurm_vllm.submit is api.submit and slurm_vllm.job is api.job
