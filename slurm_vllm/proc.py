@@ -75,6 +75,17 @@ class Child:
         terminate_all([self], timeout)
 
 
+def kill(children: Sequence[Child]) -> None:
+    """SIGKILL each child's process group now and reap the children (no grace period)."""
+    for child in children:
+        if child.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.popen.pid, signal.SIGKILL)
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(timeout=5)
+
+
 def terminate_all(children: Sequence[Child], timeout: float = 10) -> None:
     """SIGTERM every child's process group at once, SIGKILL what is left after TIMEOUT, reap them:
     one grace period for all, not one each."""

@@ -63,6 +63,7 @@ class Rank:
         self.claims = PortClaims(job.job_id)
         self.watchdog = Watchdog()           # cleans up after this rank if it is killed outright
         self.done_detail = ""                # what a job that ended by itself says (a batch's summary)
+        self.serving = False                 # vLLM answered the readiness probes
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -221,6 +222,9 @@ class Rank:
     # -- teardown ------------------------------------------------------------------------------
 
     def teardown(self) -> None:
+        """Stop every child (SIGTERM, SIGKILL after 10 s; a vLLM that is still loading at once:
+        it ignores SIGTERM then, and nothing of it is worth saving), remove the containers."""
+        proc.kill([c for c in self.children if c.name == "vllm" and not self.serving])
         proc.terminate_all(self.children, timeout=10)
         if self.runtime is not None:
             remove = self.runtime.remove(("", "-preflight"))
@@ -265,11 +269,9 @@ class Head(Rank):
                       lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
         self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
         self.jd.write_stage(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
-        nodes = self.barrier(ident, ports)
-        self.jd.write(self.jd.ray_nodes, RayNodes(nodes))
-        self.check_network(ident, nodes)
-        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
-                                           f"{', '.join(sorted(n.ip for n in nodes))}")
+        # Pipelined bring-up: `vllm serve` starts now, its imports and engine set-up overlapping the
+        # workers' join (it waits for its placement group); the barrier below still fails the job
+        # at once if a worker fails, and if vLLM dies while it waits.
         key = read_secret(self.jd.api_key) if self.plan.api_key else None
         config_root = self.jd.env_dir / "vllm-config"
         config_root.mkdir(exist_ok=True)
@@ -278,6 +280,11 @@ class Head(Rank):
         host = "127.0.0.1" if self.plan.mode == "batch" else ident.ip   # a batch's server is private
         argv = vllm_argv(self.plan, host, ports.api)
         self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
+        nodes = self.barrier(ident, ports)
+        self.jd.write(self.jd.ray_nodes, RayNodes(nodes))
+        self.check_network(ident, nodes)
+        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
+                                           f"{', '.join(sorted(n.ip for n in nodes))}")
         url = f"http://{host}:{ports.api}"
         self.wait_ready(url)
         if self.plan.mode == "batch":
@@ -364,6 +371,7 @@ class Head(Rank):
         http = Http(url, read_secret(self.jd.api_key) if self.plan.api_key else None)
         self.wait_for("vLLM's /health", http.healthy, self.plan.ready_timeout)
         http.check_serving(self.plan.served_name)
+        self.serving = True
 
 
 class Worker(Rank):
