@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 
 from . import engines, net, packages, procs, slurm, testenv
-from .config import JOBS_ROOT, NODE_IFNAMES, STATE, Shape, node_ip, node_name
+from .config import JOBS_ROOT, NODE_IFNAMES, STATE, TEST_SECRET, Shape, node_ip, node_name
 from .procs import run
 
 
@@ -85,6 +86,9 @@ def _start(shape: Shape, timer: Timer) -> None:
     shutil.rmtree(STATE / "log", ignore_errors=True)
     STATE.mkdir(parents=True, exist_ok=True)
     JOBS_ROOT.mkdir(parents=True, exist_ok=True)
+    if not TEST_SECRET.exists():             # what the test configs' secret_env names: any value will do
+        TEST_SECRET.write_text(f"svt-secret-{secrets.token_hex(16)}\n")
+        TEST_SECRET.chmod(0o600)
     net.up(shape.nodes)
     slurm.make_fake_gpus(shape)
     timer.mark("network")

@@ -32,6 +32,7 @@ IMAGE = "localhost/slurm-vllm-test:latest"
 APPTAINER = CACHE / "apptainer"                      # real Apptainer, unpacked (see testenv.py)
 APPTAINER_IMAGE = CACHE / "image" / "sandbox"          # the test image as an Apptainer sandbox folder
 JOBS_ROOT = STATE / "jobs"            # shared by every node, like a cluster's home/scratch
+TEST_SECRET = STATE / "test-secret"   # the secret_env value of the container test configs (0600)
 
 
 def node_name(i: int) -> str:
