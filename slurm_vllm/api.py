@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 from . import index
 from .errors import JobEnded, JobFolderError, SlurmVllmError, WaitTimeout
 from .index import IndexEntry
-from .jobdir import JobDir, find
+from .jobdir import JobDir, find, is_job_id
 from .plan import Plan
 from .records import BatchProgress, Endpoint, Stage, StageInfo
-from .spec import DEFAULT_JOBS_ROOT, JobSpec
+from .spec import DEFAULT_JOBS_ROOT, BatchSpec, JobSpec
 
 if TYPE_CHECKING:
     from .batchio import InputSummary
@@ -159,21 +159,7 @@ class Job:
         Raises JobEnded when the job ends first (its status in the exception), WaitTimeout after
         TIMEOUT seconds (the job keeps running). Polls fast at first, then every POLL seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay, last = 0.2, ""
-        while True:
-            status = self.status()
-            if progress is not None and f"{status}|{status.slurm_state}" != last:
-                progress(status)
-            last = f"{status}|{status.slurm_state}"
-            if reached(status.stage, stage):
-                return status
-            if status.stage.final:
-                raise JobEnded(status)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {status.job_id}: still {status} after {timeout:.0f} s")
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 1.5, poll)
+        return wait_for(self.status, stage, timeout, progress, poll)
 
     def endpoint(self) -> Endpoint:
         """The endpoint of a READY job (url, model, api_key()); SlurmVllmError if not serving."""
@@ -212,6 +198,117 @@ class Job:
         cancel(job_id)
 
 
+def wait_for(status_of: Callable[[], Status], stage: Stage, timeout: float | None,
+             progress: Callable[[Status], None] | None, poll: float) -> Status:
+    """Job.wait and ArrayJob.wait: poll STATUS_OF() until STAGE, the job's end, or TIMEOUT."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay, last = 0.2, ""
+    while True:
+        status = status_of()
+        if progress is not None and f"{status}|{status.slurm_state}" != last:
+            progress(status)
+        last = f"{status}|{status.slurm_state}"
+        if reached(status.stage, stage):
+            return status
+        if status.stage.final:
+            raise JobEnded(status)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeout(f"job {status.job_id}: still {status} after {timeout:.0f} s")
+        time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+        delay = min(delay * 1.5, poll)
+
+
+# The final stage an array shows when its shards ended differently: the worst one.
+WORST_FIRST = (Stage.FAILED, Stage.TIMEOUT, Stage.CANCELLED)
+
+
+class ArrayJob:
+    """A sharded batch (batch.shards: K): a Slurm job array whose K tasks are jobs of their own,
+    each with its folder `<name>-<array id>_<k>`. Its status sums the shards' progress; it is DONE
+    when every shard is (their last merge has written the whole output), else it ends as the worst
+    of the shards' ends. wait, cancel (the whole array) and logs as for a Job."""
+
+    def __init__(self, array_id: str, shards: list[Job], plan: Plan | None = None) -> None:
+        self.array_id, self.shards, self._plan = array_id, shards, plan
+
+    def __repr__(self) -> str:
+        return f"ArrayJob({self.array_id!r}, {len(self.shards)} shards)"
+
+    @property
+    def job_id(self) -> str:
+        return self.array_id
+
+    @property
+    def path(self) -> Path:
+        """Where the shards' folders are: `<jobs_root>/<name>-<array id>_*`."""
+        first = self.shards[0].path
+        return first.with_name(first.name.rpartition("_")[0] + "_*")
+
+    def plan(self) -> Plan:
+        return self._plan or self.shards[0].plan()
+
+    def status(self) -> Status:
+        each = [j.status() for j in self.shards]
+        running = [s for s in each if not s.stage.final]
+        counts: dict[str, int] = {}
+        for s in each:
+            counts[s.stage.value] = counts.get(s.stage.value, 0) + 1
+        said = ", ".join(f"{n} {stage}" for stage, n in counts.items())
+        batch = sum_progress([s.batch for s in each if s.batch is not None], each)
+        if running:
+            stage = min((s.stage for s in running), key=ORDER.index)
+            detail = f"{batch.line() + '; ' if batch and stage == Stage.BATCH else ''}shards: {said}"
+        else:
+            ended = [s for s in each if s.stage != Stage.DONE]
+            worst = min(ended, key=lambda s: WORST_FIRST.index(s.stage) if s.stage in WORST_FIRST
+                        else len(WORST_FIRST)) if ended else None
+            stage = worst.stage if worst else Stage.DONE
+            detail = (f"shard {worst.job_id}: {worst.detail} (shards: {said})" if worst
+                      else f"{batch.summary() if batch else ''} ({len(each)} shards)")
+        states = sorted({s.slurm_state for s in each if s.slurm_state})
+        return Status(self.array_id, self.path, stage, detail, ",".join(states) or None,
+                      max(s.since for s in each), batch)
+
+    def wait(self, stage: Stage = Stage.DONE, timeout: float | None = None,
+             progress: Callable[[Status], None] | None = None, poll: float = 2.0) -> Status:
+        """As Job.wait, over every shard."""
+        return wait_for(self.status, stage, timeout, progress, poll)
+
+    def endpoint(self) -> Endpoint:
+        raise SlurmVllmError(f"job {self.array_id}: a sharded batch has no endpoint (its servers are "
+                             f"private)")
+
+    def log_files(self, rank: int | None = None) -> list[Path]:
+        return [f for j in self.shards for f in j.log_files(rank)]
+
+    def logs(self, rank: int | None = None, lines: int = 40) -> Iterator[tuple[Path, str]]:
+        for j in self.shards:
+            yield from j.logs(rank, lines)
+
+    def cancel(self) -> None:
+        """scancel the whole array (every shard keeps its completed lines)."""
+        from .slurm import cancel
+
+        cancel(self.array_id)
+
+
+def sum_progress(parts: list[BatchProgress], each: list[Status]) -> BatchProgress | None:
+    """The shards' batch counts as one (the rate: of those still sending); None before any sends."""
+    if not parts:
+        return None
+    sending = [p for p in parts if not p.finished]
+    output = Path(parts[0].output)
+    merged = output.parent.with_name(output.parent.name.removesuffix(".parts"))
+    return BatchProgress(
+        output=str(merged), total=sum(p.total for p in parts), done=sum(p.done for p in parts),
+        resumed=sum(p.resumed for p in parts), ok=sum(p.ok for p in parts),
+        refused=sum(p.refused for p in parts), lost=sum(p.lost for p in parts),
+        in_flight=sum(p.in_flight for p in parts), tokens_in=sum(p.tokens_in for p in parts),
+        tokens_out=sum(p.tokens_out for p in parts), elapsed=max(p.elapsed for p in parts),
+        rate=round(sum(p.rate for p in sending) if sending else sum(p.rate for p in parts), 3),
+        finished=len(parts) == len(each) and all(p.finished for p in parts))
+
+
 def load(spec: JobSpec | str | Path) -> tuple[JobSpec, Plan]:
     """A spec (file or JobSpec) and its plan, checked as `validate` checks them."""
     from . import plan as plan_mod
@@ -231,17 +328,24 @@ def check_batch_input(spec: JobSpec, plan: Plan) -> InputSummary | None:
     return validate(Path(spec.batch.input or "").expanduser(), plan.served_name)
 
 
-def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job:
+def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job | ArrayJob:
     """Submit SPEC (a YAML file or a JobSpec); the Job returns at once (wait() for READY, or for
-    DONE in batch mode). A batch input is checked first."""
+    DONE in batch mode). A batch input is checked first; a sharded batch is an ArrayJob."""
     from .sbatch import submit as sbatch
 
     job_spec, plan = load(spec)
     if not preflight_only:
         check_batch_input(job_spec, plan)
-    if preflight_only:
-        plan = replace(plan, mode="preflight")
+    if preflight_only:       # one allocation, the all-reduce only: neither a batch nor an array
+        job_spec = replace(job_spec, mode="serve", batch=BatchSpec())
+        plan = replace(plan, mode="preflight", shards=1)
     job_id, folder = sbatch(job_spec, plan)
+    if plan.shards > 1:
+        shards = [Job(folder.with_name(f"{folder.name}_{k}"), job_id=f"{job_id}_{k}", plan=plan)
+                  for k in range(plan.shards)]
+        for shard in shards:
+            index.record(str(shard._job_id), shard.path, plan)
+        return ArrayJob(job_id, shards, plan)
     index.record(job_id, folder, plan)
     return Job(folder, job_id=job_id, plan=plan)
 
@@ -250,7 +354,7 @@ def _from_entry(entry: IndexEntry) -> Job:
     return Job(JobDir(Path(entry.job_dir)), job_id=entry.job_id, plan=entry.plan)
 
 
-def job(ref: str, jobs_root: Path | str | None = None) -> Job:
+def job(ref: str, jobs_root: Path | str | None = None) -> Job | ArrayJob:
     """A job by folder or Slurm job id (this user's index first, then JOBS_ROOT/by-id)."""
     path = Path(ref).expanduser()
     if path.is_dir() and (path / "plan.json").exists():
@@ -259,12 +363,34 @@ def job(ref: str, jobs_root: Path | str | None = None) -> Job:
         for pending in index.entries():
             if Path(pending.job_dir) == path.resolve():
                 return _from_entry(pending)
-    if ref.isdigit():
+    root = Path(jobs_root).expanduser() if jobs_root else default_jobs_root()
+    if is_job_id(ref):
         entry = index.lookup(ref)
+        if ref.isdigit():        # a sharded batch's array id: its tasks are `<id>_<k>`
+            array = _array(ref, root, newer_than=entry.submitted if entry else None)
+            if array is not None:
+                return array
         if entry is not None:
             return _from_entry(entry)
-    root = Path(jobs_root).expanduser() if jobs_root else default_jobs_root()
     return Job(find(ref, root))
+
+
+def _array(array_id: str, root: Path, newer_than: float | None) -> ArrayJob | None:
+    """The job array ARRAY_ID from the index (its tasks' entries), or else from ROOT/by-id; None if
+    there is none, or if its tasks are older than NEWER_THAN (a plain job's entry with that id, after
+    the cluster's ids restarted: the newest wins)."""
+    entries = [e for e in index.entries() if e.job_id.startswith(f"{array_id}_")]
+    if newer_than is not None and not any(e.submitted > newer_than for e in entries):
+        return None
+    tasks = {e.job_id: _from_entry(e) for e in entries}
+    by_id = root / "by-id"
+    if newer_than is None and by_id.is_dir():
+        for link in by_id.glob(f"{array_id}_*"):
+            tasks.setdefault(link.name, Job(find(link.name, root)))
+    if not tasks:
+        return None
+    ordered = sorted(tasks.items(), key=lambda kv: int(kv[0].rpartition("_")[2]))
+    return ArrayJob(array_id, [j for _, j in ordered])
 
 
 def jobs(jobs_root: Path | str | None = None) -> list[Job]:

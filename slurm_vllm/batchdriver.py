@@ -12,7 +12,6 @@ the driver sends nothing more, waits up to `drain` seconds for the requests in f
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import http.client
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .batchio import check_request, done_ids, lines, repair
+from .batchio import check_request, done_ids, lines, repair, request_id, shard_of
 from .errors import SlurmVllmError
 from .records import BatchProgress
 
@@ -43,7 +42,8 @@ class Driver:
 
     def __init__(self, url: str, api_key: str | None, input_path: Path, output_path: Path, served_name: str,
                  concurrency: int, stop: threading.Event, check: Callable[[], None] = lambda: None,
-                 report: Callable[[BatchProgress], None] = lambda p: None, report_every: float = 2.0) -> None:
+                 report: Callable[[BatchProgress], None] = lambda p: None, report_every: float = 2.0,
+                 shard: tuple[int, int] | None = None, also_done: tuple[Path, ...] = ()) -> None:
         parsed = urlparse(url)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
         self.headers = {"Content-Type": "application/json"}
@@ -51,6 +51,8 @@ class Driver:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.input, self.output = input_path, output_path
         self.served_name, self.concurrency = served_name, concurrency
+        self.shard = shard                # (i, K): only the requests of shard i of K (a job array's task)
+        self.also_done = also_done        # other outputs whose lines count as done (the merged output)
         self.stop, self.check, self.report, self.report_every = stop, check, report, report_every
         self.local = threading.local()
         self.lock = threading.Lock()
@@ -75,11 +77,13 @@ class Driver:
         repair(self.output)                  # ours now: a half line can only be from a crash
         self.out = os.fdopen(fd, "ab")
         try:
-            with done_ids(self.output) as done:
+            with done_ids(self.output, *self.also_done) as done:
                 for _, raw in lines(self.input):
                     if raw.strip():
-                        self.counts["total"] += 1
-                        self.counts["resumed"] += _cid(raw) in done
+                        cid = request_id(raw)
+                        if cid is None or self.mine(cid):
+                            self.counts["total"] += 1
+                            self.counts["resumed"] += cid in done
                 self.counts["done"] = self.counts["resumed"]
                 self._send_all(done, drain)
         finally:
@@ -95,6 +99,10 @@ class Driver:
                              f"{progress.done}/{progress.total} done: submit again to finish")
         return progress
 
+    def mine(self, custom_id: str) -> bool:
+        """Is the request with CUSTOM_ID this run's (every one, or those of its shard)?"""
+        return self.shard is None or shard_of(custom_id, self.shard[1]) == self.shard[0]
+
     def _send_all(self, done: Any, drain: Callable[[], float]) -> None:
         slots = threading.BoundedSemaphore(self.concurrency)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="batch")
@@ -105,7 +113,7 @@ class Driver:
                 req, problem = check_request(raw, self.served_name)
                 if req is None:          # validated at submit: the file changed since
                     raise BatchError(f"batch.input: {self.input} line {number}: {problem}")
-                if req["custom_id"] in done:
+                if not self.mine(req["custom_id"]) or req["custom_id"] in done:
                     continue
                 if not self._slot(slots):
                     break
@@ -218,13 +226,6 @@ class Driver:
             if isinstance(usage, dict):
                 self.counts["tokens_in"] += int(usage.get("prompt_tokens") or 0)
                 self.counts["tokens_out"] += int(usage.get("completion_tokens") or 0)
-
-
-def _cid(raw: bytes) -> str | None:
-    with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
-        value = json.loads(raw).get("custom_id")
-        return value if isinstance(value, str) else None
-    return None
 
 
 def _message(answer: Any) -> str:

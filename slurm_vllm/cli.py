@@ -16,11 +16,11 @@ from .errors import JobEnded, SlurmVllmError, UsageError
 from .spec import DEFAULT_JOBS_ROOT
 
 if TYPE_CHECKING:
-    from .api import Job, Status
+    from .api import ArrayJob, Job, Status
     from .records import Stage
 
 
-def _job(args: argparse.Namespace) -> Job:
+def _job(args: argparse.Namespace) -> Job | ArrayJob:
     from .api import job
 
     return job(args.job, args.jobs_root)
@@ -90,7 +90,7 @@ def _progress(out: TextIO) -> Callable[[Status], None]:
     return show
 
 
-def _wait(job: Job, out: TextIO, stage: Stage | None = None) -> int:
+def _wait(job: Job | ArrayJob, out: TextIO, stage: Stage | None = None) -> int:
     """Show each new stage on OUT until STAGE (default READY): 0, or the job ended first: 1."""
     from .records import Stage
 
@@ -118,7 +118,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"job_id": job.job_id, "job_dir": str(job.path)}))
     else:
-        print(f"submitted job {job.job_id}: {plan.nodes} nodes, TP{plan.tp}xPP{plan.pp}, folder {job.path}")
+        what = f"job array {job.job_id}: {plan.shards} shards of" if plan.shards > 1 else f"job {job.job_id}:"
+        print(f"submitted {what} {plan.nodes} nodes, TP{plan.tp}xPP{plan.pp}, folder {job.path}")
         print(f"  status: python -m slurm_vllm status {job.job_id}\n"
               f"  cancel: python -m slurm_vllm cancel {job.job_id}   (or scancel {job.job_id})")
     if not args.wait:
@@ -142,11 +143,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from .api import submit
+    from .api import Job, submit
     from .preflight import table
     from .records import PreflightResult, Stage
 
     job = submit(args.spec, preflight_only=True)
+    assert isinstance(job, Job)              # a preflight is one allocation, never an array
     print(f"preflight job {job.job_id}: all-reduce across {job.plan().nodes} nodes, folder {job.path}",
           file=sys.stderr)
     code = _wait(job, sys.stderr, Stage.DONE)
@@ -186,6 +188,37 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     job = _job(args)
     job.cancel()
     print(f"cancelled job {job.job_id}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge a sharded batch's parts into its output now (the last shard to end does it too)."""
+    import yaml
+
+    from . import spec as spec_mod
+    from .api import ArrayJob
+    from .batchio import merge
+
+    if Path(args.job).is_file():
+        spec = spec_mod.load(args.job)
+    else:
+        found = _job(args)
+        one = found.shards[0] if isinstance(found, ArrayJob) else found
+        folder = one.dir
+        try:
+            text = folder.spec.read_text()
+        except OSError as exc:
+            raise UsageError(f"merge: {folder.spec}: {exc.strerror} (has the job started?)") from None
+        spec = spec_mod.parse(yaml.safe_load(text), expand=False)
+    if spec.mode != "batch":
+        raise UsageError(f"merge: {spec.name} is not a batch (mode: {spec.mode})")
+    result = merge(spec.batch_output, spec.batch_parts, Path(spec.batch.input or "").expanduser())
+    if args.json:
+        print(json.dumps({"output": str(result.output), "parts": result.parts, "added": result.added,
+                          "present": result.present, "total": result.total, "complete": result.complete,
+                          "parts_removed": result.removed}))
+    else:
+        print(result.line())
     return 0
 
 
@@ -242,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("--rank", type=int)
     lg.add_argument("-n", "--lines", type=int, default=40)
     verb("cancel", cmd_cancel, "scancel the job; its ranks stop vLLM, Ray and containers", job=True)
+    mg = verb("merge", cmd_merge, "merge a sharded batch's parts into its output now (JOB: a job id, "
+              "job folder or the spec file)", job=True)
+    mg.add_argument("--json", action="store_true")
     return p
 
 

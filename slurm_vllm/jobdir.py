@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import stat
 import time
@@ -222,13 +223,18 @@ def read_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
+def is_job_id(ref: str) -> bool:
+    """Is REF a Slurm job id: `123`, or a job array's task `123_4`?"""
+    return re.fullmatch(r"[0-9]+(_[0-9]+)?", ref) is not None
+
+
 def find(job: str, jobs_root: Path) -> JobDir:
     """JOB is a job folder, or a Slurm job id looked up in JOBS_ROOT/by-id; either way verified:
     the folder, the by-id folder and the link are this user's and not writable by others."""
     candidate = Path(job).expanduser()
     if candidate.is_dir() and (candidate / "plan.json").exists():
         return JobDir(candidate.resolve()).verified()
-    if job.isdigit():
+    if is_job_id(job):
         by_id = jobs_root / "by-id"
         link = by_id / job
         if link.is_symlink():

@@ -20,6 +20,7 @@ class JobEnv:
     cpus: int
     gpus: tuple[str, ...]
     restart_count: int = 0          # how many times Slurm requeued the job before this run
+    array_task: int | None = None   # a job array's task (a batch shard), else None
 
     @property
     def head_host(self) -> str:
@@ -40,4 +41,13 @@ class JobEnv:
             cpus=int(env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1),
             gpus=tuple(g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g),
             restart_count=int(env.get("SLURM_RESTART_COUNT") or 0),
+            array_task=int(env["SLURM_ARRAY_TASK_ID"]) if env.get("SLURM_ARRAY_TASK_ID") else None,
         )
+
+
+def shown_job_id(env: Mapping[str, str], array: bool) -> str:
+    """The job's id as squeue and sacct show it: SLURM_JOB_ID, or `<array id>_<task>` for a task of
+    a job array (each task also has a SLURM_JOB_ID of its own, which Slurm accepts too)."""
+    if array and env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]

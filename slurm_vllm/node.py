@@ -20,7 +20,7 @@ from . import index
 from . import spec as spec_mod
 from .errors import JobFolderError, SlurmVllmError
 from .jobdir import JobDir, atomic_write, link_job_id
-from .jobenv import JobEnv
+from .jobenv import JobEnv, shown_job_id
 from .rankenv import final_stage, outcome, redact, task_death
 from .ranks import Head, Rank, Worker
 from .records import RankFailure, Stage
@@ -79,13 +79,13 @@ def init(job_dir: str, script: str | None, embedded: str) -> None:
     script (the plan as decided when the script was made: never planned again), record the job id
     and the script Slurm ran (job.sbatch)."""
     from .plan import Plan
-    from .render import split_embedded
+    from .render import sharded, split_embedded
 
     spec_yaml, plan_json = split_embedded(embedded)
     spec = spec_mod.parse(yaml.safe_load(spec_yaml), expand=False)
     plan = Plan.from_json(plan_json, "the plan embedded in the job script")
     jd = JobDir(Path(job_dir))
-    job_id = os.environ["SLURM_JOB_ID"]
+    job_id = shown_job_id(os.environ, sharded(spec))
     if jd.path.exists() or jd.path.is_symlink():     # a requeued job runs init again
         jd.verified()
         if jd.job_id() != job_id:

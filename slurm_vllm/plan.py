@@ -66,6 +66,7 @@ class Plan(Record):
     api_key: bool
     preflight: bool = False        # run the cross-node all-reduce before Ray and vLLM
     mode: str = "serve"            # "serve"; "batch" (spec.batch); "preflight": the all-reduce only
+    shards: int = 1                # a sharded batch: the job array's size (each task one shard)
 
 
 def factorizations(total: int) -> list[tuple[int, int]]:
@@ -180,7 +181,7 @@ def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
         gcs_port=None if spec.ray.port == "auto" else spec.ray.port,
         api_port=None if spec.vllm.port == "auto" else spec.vllm.port,
         ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto", preflight=spec.preflight,
-        mode=spec.mode,
+        mode=spec.mode, shards=spec.batch.shards if spec.mode == "batch" else 1,
     )
 
 

@@ -26,6 +26,7 @@ from . import preflight as preflight_mod
 from . import proc
 from . import spec as spec_mod
 from .batchdriver import Driver
+from .batchio import merge, part_path
 from .container import Runtime, env_file_text
 from .errors import ClusterError
 from .jobdir import JobDir, atomic_write, read_secret, write_secret
@@ -301,11 +302,22 @@ class Head(Rank):
 
     def run_batch(self, url: str, key: str | None) -> None:
         """Batch mode: the driver sends the input to the private server; DONE when every request
-        has its line, else a stop (cancel, time limit: see run()) with the counts."""
+        has its line, else a stop (cancel, time limit: see run()) with the counts. A shard (a task of
+        the job array) sends its 1/K of the input to its part, then merges the parts it finds."""
+        b = self.spec.batch
         out = self.spec.batch_output
         if out != self.jd.results and not self.jd.results.is_symlink():
             self.jd.results.symlink_to(out)
-        self.jd.write_stage(Stage.READY, f"batch: private server {url}; input {self.spec.batch.input}")
+        shard = (self.job.array_task or 0, b.shards) if b.shards > 1 else None
+        writes = out
+        also_done: tuple[Path, ...] = ()
+        if shard is not None:
+            parts = self.spec.batch_parts
+            parts.mkdir(mode=0o700, exist_ok=True)
+            writes = part_path(parts, *shard)
+            also_done = (out, *(p for p in sorted(parts.glob("part-*.jsonl")) if p != writes))
+        what = f"shard {shard[0]} of {shard[1]} of " if shard else ""
+        self.jd.write_stage(Stage.READY, f"batch: private server {url}; {what}input {b.input}")
         self.jd.write_stage(Stage.BATCH, "starting")
 
         def report(progress: BatchProgress) -> None:
@@ -316,14 +328,15 @@ class Head(Rank):
             self.check_alive()
             self.check_workers()
 
-        b = self.spec.batch
-        driver = Driver(url, key, Path(b.input or ""), out, self.plan.served_name, b.concurrency, self.stop,
-                        check=alive, report=report)
+        driver = Driver(url, key, Path(b.input or ""), writes, self.plan.served_name, b.concurrency,
+                        self.stop, check=alive, report=report, shard=shard, also_done=also_done)
         progress = driver.run(drain=lambda: BATCH_DRAIN if self.stop_reason == "TIMEOUT" else CANCEL_DRAIN)
-        if progress.finished:
-            self.done_detail = progress.summary()
-            return
-        raise Stopped(self.stop_reason or "stopped", detail=progress.summary())
+        if not progress.finished:
+            raise Stopped(self.stop_reason or "stopped", detail=progress.summary())
+        self.done_detail = progress.summary()
+        if shard is not None:            # the last shard to end completes the output
+            merged = merge(out, self.spec.batch_parts, Path(b.input or ""))
+            self.done_detail += f"; {merged.line()}"
 
     def barrier(self, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
         """Wait until Ray reports every node and every GPU of the allocation."""

@@ -44,9 +44,21 @@ def extra_directives(spec: JobSpec) -> list[tuple[str, str | None]]:
     return out
 
 
+def sharded(spec: JobSpec) -> bool:
+    """Is SPEC a job array (a batch over batch.shards servers)?"""
+    return spec.mode == "batch" and spec.batch.shards > 1
+
+
 def batch_log(spec: JobSpec) -> str:
-    """The batch step's own output (the init step, srun's errors): beside the job folders."""
-    return f"{spec.jobs_root_path}/{spec.name}-%j.out"
+    """The batch step's own output (the init step, srun's errors): beside the job folders, named like
+    them (`<name>-<job id>.out`; a shard's `<name>-<array id>_<task>.out`)."""
+    return f"{spec.jobs_root_path}/{spec.name}-{'%A_%a' if sharded(spec) else '%j'}.out"
+
+
+def job_id_shell(spec: JobSpec) -> str:
+    """The job id as the script's shell spells it: Slurm's, or a shard's `<array id>_<task>` (what
+    squeue, sacct and scancel show and take)."""
+    return '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' if sharded(spec) else '"$SLURM_JOB_ID"'
 
 
 def directives(spec: JobSpec) -> list[str]:
@@ -63,6 +75,8 @@ def directives(spec: JobSpec) -> list[str]:
         pairs.append(("exclusive", None))
     pairs.append(("signal", "USR2@90"))        # the ranks stop cleanly before the time limit
     pairs.append(("output", batch_log(spec)))
+    if sharded(spec):                                      # one server per shard, each its own job
+        pairs.append(("array", f"0-{spec.batch.shards - 1}"))
     if spec.mode == "batch" and spec.batch.max_jobs > 1:   # the time limit: requeued, same id and folder
         pairs += [("requeue", None), ("open-mode", "append")]
     pairs += extra_directives(spec)
@@ -143,8 +157,8 @@ def sbatch_text(spec: JobSpec, plan: Plan, python: str, template: str | Path | N
             directives=parts.directives, setup=parts.setup, init_command=parts.init_command,
             embedded=parts.embedded, node_command=parts.node_command, after_command=parts.after_command,
             version=__version__,
-            name=spec.name, jobs_root=str(spec.jobs_root_path),
-            job_dir_shown=f"{spec.jobs_root_path}/{spec.name}-<job id>",
+            name=spec.name, jobs_root=str(spec.jobs_root_path), job_id=job_id_shell(spec),
+            job_dir_shown=f"{spec.jobs_root_path}/{spec.name}-<job id{'>_<shard' if sharded(spec) else ''}>",
             tp_pp=f"{plan.nodes} nodes x {plan.gpus_per_node} GPUs: tensor parallel {plan.tp} x "
                   f"pipeline parallel {plan.pp}, served as {plan.served_name!r}")
     except jinja2.TemplateNotFound as exc:

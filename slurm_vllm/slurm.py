@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from . import proc
@@ -27,16 +28,33 @@ def jobs_state(job_ids: list[str]) -> dict[str, SlurmJob]:
     queue = proc.run(["squeue", "-h", "--me", "-o", "%i|%T|%L"], check=False, timeout=30)
     for line in queue.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 3 and parts[0] in job_ids:
-            out[parts[0]] = SlurmJob(parts[1], parts[2] if parts[2] not in ("", "INVALID") else None)
+        if len(parts) == 3:
+            for job in array_ids(parts[0]):
+                if job in job_ids:
+                    out[job] = SlurmJob(parts[1], parts[2] if parts[2] not in ("", "INVALID") else None)
     rest = [j for j in job_ids if j not in out]
     if rest:
         acct = proc.run(["sacct", "-X", "-n", "-P", "-j", ",".join(rest), "-o", "JobID,State"], check=False,
                         timeout=30)
         for line in acct.stdout.splitlines():
-            job, _, state = line.strip().partition("|")
-            if job in rest and state:
-                out[job] = SlurmJob(state)
+            ids, _, state = line.strip().partition("|")
+            for job in array_ids(ids):
+                if job in rest and state:
+                    out[job] = SlurmJob(state)
+    return out
+
+
+def array_ids(shown: str) -> list[str]:
+    """The job ids in one id as squeue and sacct show it: `123`, `123_4`, or the tasks of an array
+    not started yet, `123_[0-3,7%2]` → 123_0 … 123_3, 123_7."""
+    m = re.fullmatch(r"([0-9]+)_\[([0-9,-]+)(?:%[0-9]+)?\]", shown)
+    if m is None:
+        return [shown]
+    out = []
+    for part in m.group(2).split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            out += [f"{m.group(1)}_{k}" for k in range(int(first), int(last or first) + 1)]
     return out
 
 

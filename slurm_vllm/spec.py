@@ -66,7 +66,7 @@ MANAGED_DIRECTIVES = {
     "partition": "slurm.partition", "account": "slurm.account", "qos": "slurm.qos",
     "time": "slurm.time", "constraint": "slurm.constraint", "exclusive": "slurm.exclusive",
     "output": "(logs live in jobs_root and the job folder)", "error": "(logs live in the job folder)",
-    "signal": "(slurm_vllm handles the time limit)", "array": "(one server per job)",
+    "signal": "(slurm_vllm handles the time limit)", "array": "(batch.shards)",
     "wrap": "(the script is slurm_vllm's)", "open-mode": "(set by slurm_vllm)",
     "export": "env / secret_env (the job's environment)", "export-file": "env / secret_env",
     "parsable": "(set by slurm_vllm's submit)", "wait": "(submit returns; use `wait`)",
@@ -187,6 +187,7 @@ class BatchSpec:
     output: str | None = None       # default <jobs_root>/<name>.results.jsonl: a re-submit resumes it
     concurrency: int = 64           # requests in flight against the job's server
     max_jobs: int = 1               # on the time limit, go on in up to this many runs (requeued)
+    shards: int = 1                 # K > 1: a Slurm job array of K servers, each over 1/K of the input
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,11 @@ class JobSpec:
     def batch_output(self) -> Path:
         """Where a batch job's results go (batch.output, else beside the job folders)."""
         return Path(self.batch.output or f"{self.jobs_root}/{self.name}.results.jsonl").expanduser()
+
+    @property
+    def batch_parts(self) -> Path:
+        """Where the shards of a sharded batch write their parts before the merge: <output>.parts/."""
+        return self.batch_output.with_name(self.batch_output.name + ".parts")
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -428,6 +434,8 @@ def _check_batch(spec: JobSpec) -> None:
         raise SpecError(f"batch.concurrency: must be 1-4096, got {b.concurrency}")
     if not 1 <= b.max_jobs <= 100:
         raise SpecError(f"batch.max_jobs: must be 1-100, got {b.max_jobs}")
+    if not 1 <= b.shards <= 1000:
+        raise SpecError(f"batch.shards: must be 1-1000 (the job array's size), got {b.shards}")
 
 
 def _check_directive(key: str) -> None:

@@ -12,7 +12,7 @@ from slurm_vllm import api, index, listing
 from slurm_vllm.errors import JobEnded, WaitTimeout
 from slurm_vllm.jobdir import JobDir
 from slurm_vllm.plan import Plan
-from slurm_vllm.records import Endpoint, Stage, StageInfo
+from slurm_vllm.records import BatchProgress, Endpoint, Stage, StageInfo
 from slurm_vllm.slurm import SlurmJob
 
 pytestmark = pytest.mark.unit
@@ -121,6 +121,47 @@ def test_a_job_id_resolves_through_the_index_whatever_jobs_root(tmp_path: Path,
     rows = listing.rows(states={"31": SlurmJob("RUNNING")})
     assert [r.job_id for r in rows] == ["31"]
     assert index.lookup("33") is None
+
+
+def test_an_array_id_is_the_sharded_batch_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`123` names the job array whose tasks `123_0`, `123_1` are indexed (newer than a plain job
+    123 of before the cluster's ids restarted); its status sums the shards and ends as the worst."""
+    monkeypatch.setenv("SLURM_VLLM_INDEX", str(tmp_path / "index"))
+    old = make_job(tmp_path, "old-900041", job_id="900041")
+    index.record("900041", old.path, old.plan())
+    assert isinstance(api.job("900041"), api.Job)
+    time.sleep(0.01)
+    shards = [make_job(tmp_path, f"b-900041_{k}", job_id=f"900041_{k}") for k in range(2)]
+    for shard in shards:
+        index.record(str(shard.job_id), shard.path, shard.plan())
+    array = api.job("900041")
+    assert isinstance(array, api.ArrayJob) and [j.path for j in array.shards] == [j.path for j in shards]
+    assert array.path.name == "b-900041_*"
+
+    def progress(total: int, done: int, rate: float) -> BatchProgress:
+        return BatchProgress(output=str(tmp_path / "out.jsonl.parts" / "part-0-of-2.jsonl"), total=total,
+                             done=done, resumed=0, ok=done, refused=0, lost=0, in_flight=0, tokens_in=done,
+                             tokens_out=2 * done, elapsed=10.0, rate=rate, finished=done == total)
+
+    shards[0].dir.write(shards[0].dir.batch, progress(50, 50, 5.0))
+    shards[0].dir.write_stage(Stage.DONE, "50/50 done")
+    shards[1].dir.write(shards[1].dir.batch, progress(70, 20, 2.0))
+    shards[1].dir.write_stage(Stage.BATCH, "20/70 done")
+    st = array.status()
+    assert st.stage == Stage.BATCH and st.job_id == "900041"
+    assert st.batch is not None and (st.batch.total, st.batch.done, st.batch.rate) == (120, 70, 2.0)
+    assert st.batch.output == str(tmp_path / "out.jsonl") and not st.batch.finished
+    assert st.detail.startswith("70/120 done, 2.0 req/s") and "shards: 1 DONE, 1 BATCH" in st.detail
+    shards[1].dir.write_stage(Stage.FAILED, "rank 1 on node2: ray-worker exited")
+    st = array.status()
+    assert st.stage == Stage.FAILED and st.detail.startswith("shard 900041_1: rank 1 on node2")
+    with pytest.raises(JobEnded):
+        array.wait(Stage.DONE, timeout=5)
+    shards[1].dir.write(shards[1].dir.batch, progress(70, 70, 2.0))
+    shards[1].dir.write_stage(Stage.DONE, "70/70 done")
+    st = array.wait(Stage.DONE, timeout=5)
+    assert st.stage == Stage.DONE and st.batch is not None and st.batch.finished
+    assert "120/120 done" in st.detail and "(2 shards)" in st.detail
 
 
 def test_list_rows_and_table(tmp_path: Path) -> None:

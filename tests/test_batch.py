@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from slurm_vllm.batchdriver import BatchError, Driver
-from slurm_vllm.batchio import BatchInputError, done_ids, repair, validate
+from slurm_vllm.batchio import BatchInputError, done_ids, merge, part_path, repair, shard_of, validate
+from slurm_vllm.slurm import array_ids
 
 pytestmark = pytest.mark.unit
 
@@ -276,3 +277,116 @@ def test_submit_and_validate_refuse_a_bad_input_before_anything_runs(
         said = f"slurm_vllm: error: batch.input: {inp} line 2: custom_id 'req-0' repeats line 1"
         assert err.strip() == said
     assert not (tmp_path / "jobs").exists()
+
+
+# -- sharding: K drivers over a stable 1/K each, parts merged into one output --------------------
+
+def test_a_requests_shard_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """The hash is not Python's salted hash(): another interpreter with another seed agrees."""
+    import subprocess
+    import sys
+
+    ids = [f"req-{i}" for i in range(2000)]
+    here = [shard_of(i, 4) for i in ids]
+    code = ("import sys, json; from slurm_vllm.batchio import shard_of; "
+            "print(json.dumps([shard_of(i, 4) for i in json.load(sys.stdin)]))")
+    there = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True,
+                           text=True, check=True, env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin"})
+    assert json.loads(there.stdout) == here
+    sizes = [here.count(k) for k in range(4)]
+    assert all(400 <= n <= 600 for n in sizes), sizes                # about 1/4 each
+
+
+def test_shards_cover_the_input_once_and_the_merge_completes_it(server: FakeVllm, tmp_path: Path) -> None:
+    reqs = [request(i) for i in range(200)]
+    inp = write_input(tmp_path / "in.jsonl", reqs)
+    out, parts = tmp_path / "out.jsonl", tmp_path / "out.jsonl.parts"
+    parts.mkdir()
+    totals = []
+    for k in range(3):
+        d = Driver(server.url, "sk", inp, part_path(parts, k, 3), "tiny", 4, threading.Event(),
+                   shard=(k, 3), also_done=(out,))
+        progress = d.run()
+        totals.append(progress.total)
+        ids = {r["custom_id"] for r in results(part_path(parts, k, 3))}
+        assert ids == {r["custom_id"] for r in reqs if shard_of(r["custom_id"], 3) == k}
+        merged = merge(out, parts, inp)
+        assert merged.complete == (k == 2) and merged.removed == (k == 2)
+    assert sum(totals) == 200 and server.seen == 200                 # each request sent once, by its shard
+    ids = [r["custom_id"] for r in results(out)]
+    assert len(ids) == len(set(ids)) == 200
+    assert not parts.exists()                                        # complete: the parts are gone
+    assert out.stat().st_mode & 0o777 == 0o600
+    again = merge(out, parts, inp)                                   # idempotent
+    assert (again.added, again.present, again.total) == (0, 200, 200)
+
+
+def test_a_merge_skips_a_half_written_line_and_never_duplicates(tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", [request(i) for i in range(4)])
+    out, parts = tmp_path / "out.jsonl", tmp_path / "parts"
+    parts.mkdir()
+
+    def line(i: int) -> str:
+        return json.dumps({"id": f"b{i}", "custom_id": f"req-{i}", "response": {"status_code": 200},
+                           "error": None})
+
+    (parts / "part-0-of-2.jsonl").write_text(line(0) + "\n" + line(1)[:20])     # its shard is writing
+    (parts / "part-1-of-2.jsonl").write_text(line(2) + "\n" + line(3) + "\n")
+    first = merge(out, parts, inp)
+    assert (first.added, first.present, first.removed) == (3, 3, False)
+    assert "1 requests without a result yet; parts kept" in first.line()
+    (parts / "part-0-of-2.jsonl").write_text(line(0) + "\n" + line(1) + "\n")     # the line finished
+    second = merge(out, parts, inp)
+    assert (second.added, second.present, second.removed) == (1, 4, True)
+    ids = [r["custom_id"] for r in results(out)]
+    assert sorted(ids) == ["req-0", "req-1", "req-2", "req-3"]
+
+
+def test_a_shard_resumes_from_the_merged_output_and_its_part(server: FakeVllm, tmp_path: Path) -> None:
+    reqs = [request(i) for i in range(60)]
+    inp = write_input(tmp_path / "in.jsonl", reqs)
+    mine = [r for r in reqs if shard_of(r["custom_id"], 2) == 0]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({"custom_id": r["custom_id"], "response": {}, "error": None}) + "\n"
+                           for r in mine[:5]))                         # merged earlier
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    progress = Driver(server.url, "sk", inp, part_path(parts, 0, 2), "tiny", 4, threading.Event(),
+                      shard=(0, 2), also_done=(out,)).run()
+    assert (progress.total, progress.resumed, progress.done) == (len(mine), 5, len(mine))
+    assert server.seen == len(mine) - 5
+
+
+def test_squeue_and_sacct_array_ids_are_expanded() -> None:
+    assert array_ids("123") == ["123"]
+    assert array_ids("123_4") == ["123_4"]
+    assert array_ids("123_[0-2,7%2]") == ["123_0", "123_1", "123_2", "123_7"]
+
+
+def test_the_merge_verb_merges_on_demand_from_the_spec(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from slurm_vllm import cli
+
+    inp = write_input(tmp_path / "in.jsonl", [request(i) for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    data = {"name": "b", "model": {"path": "/m", "served_name": "tiny"}, "jobs_root": str(tmp_path / "jobs"),
+            "mode": "batch", "batch": {"input": str(inp), "output": str(out), "shards": 2}}
+    spec = tmp_path / "b.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    parts = tmp_path / "out.jsonl.parts"
+    parts.mkdir()
+    (parts / "part-1-of-2.jsonl").write_text("".join(
+        json.dumps({"id": f"b{i}", "custom_id": f"req-{i}", "response": {}, "error": None}) + "\n"
+        for i in (0, 2)))
+    assert cli.main(["merge", str(spec)]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said == (f"merged 1 parts into {out}: 2 lines added, 2/3 requests have a result (1 requests "
+                    f"without a result yet; parts kept)")
+    assert cli.main(["merge", str(spec), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 0
+    serve = tmp_path / "s.yaml"
+    serve.write_text(yaml.safe_dump({"name": "s", "model": {"path": "/m"}}))
+    assert cli.main(["merge", str(serve)]) == 2
+    assert capsys.readouterr().err.strip() == "slurm_vllm: error: merge: s is not a batch (mode: serve)"

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from slurm_vllm.batchio import shard_of
+
 from .support.cli import cli, status
 from .support.reference import greedy_chat, greedy_completion
 from .test_failures_e2e import wait_final, wait_released
@@ -179,3 +181,47 @@ def test_a_batch_past_the_time_limit_goes_on_in_a_requeued_run(testbed: dict[str
     assert runs == ["REQUEUED", "COMPLETED"], runs
     wait_released(job_id)
     print(f"time limit: run 1 answered {first_run}/{TIME_LIMIT_REQUESTS}, run 2 the rest; sacct {runs}")
+
+
+def test_a_sharded_batch_runs_as_a_job_array_and_merges_one_output(testbed: dict[str, str],
+                                                                   job_dir: Path) -> None:
+    """batch.shards 2: a job array of two 2-node TP2 servers (they share the test bed's nodes, on
+    ports of their own), each over its stable half of the input by custom_id; the last to end
+    merges the parts into one output, every custom_id once, and removes them. `status` of the array
+    id is the batch as one; `merge` afterwards adds nothing."""
+    requests = [chat(i) for i in range(60)] + [completion(i) for i in range(60)]
+    spec = batch_spec(job_dir, "batch-shards", requests, **{"batch.shards": 2, "batch.concurrency": 8})
+    t0 = time.monotonic()
+    out = cli("submit", str(spec), "--wait", "--json", timeout=900)
+    job = json.loads(out.stdout.splitlines()[0])
+    array_id = job["job_id"]
+    shards = [Path(job["job_dir"]).with_name(f"batch-shards-{array_id}_{k}") for k in range(2)]
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + "\n".join(logs(str(s)) for s in shards)
+    assert "batch: 120/120 done" in out.stderr, out.stderr
+    lines = results(job_dir)
+    ids = [line["custom_id"] for line in lines]
+    assert len(ids) == len(set(ids)) == 120 and set(ids) == {r["custom_id"] for r in requests}
+    assert all(line["error"] is None for line in lines)
+    assert not (job_dir / "results.jsonl.parts").exists()           # merged, complete: parts removed
+    by_id = {line["custom_id"]: line for line in lines}
+    model = testbed["SLURM_VLLM_TEST_MODEL"]
+    want = greedy_chat(model, f"{QUESTION} (7)", 8).rstrip("\ufffd")
+    assert text_of(by_id["chat-7"]) == want
+    for k, folder in enumerate(shards):                             # each shard: its half, on 2 nodes
+        progress = json.loads((folder / "batch.json").read_text())
+        mine = [r for r in requests if shard_of(r["custom_id"], 2) == k]
+        assert progress["total"] == progress["done"] == len(mine), progress
+        nodes = json.loads((folder / "ray_nodes.json").read_text())["nodes"]
+        assert len({n["ip"] for n in nodes}) == 2, nodes
+        assert (folder / "job_id").read_text().strip() == f"{array_id}_{k}"
+    st = status(array_id)
+    assert st["stage"] == "DONE" and st["batch"]["total"] == 120 and st["batch"]["finished"], st
+    merged = cli("merge", array_id, "--json")
+    assert merged.returncode == 0, merged.stderr
+    said = json.loads(merged.stdout)
+    assert (said["added"], said["present"], said["total"], said["complete"]) == (0, 120, 120, True), said
+    states = subprocess.run(["sacct", "-j", array_id, "-X", "-n", "-P", "-o", "JobID,State"],
+                            capture_output=True, text=True).stdout.split()
+    assert sorted(states) == [f"{array_id}_0|COMPLETED", f"{array_id}_1|COMPLETED"], states
+    wait_released(array_id)
+    print(f"2 shards x TP2 x 2 nodes, 120 requests: {time.monotonic() - t0:.0f} s from submit to DONE")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from slurm_vllm import plan, render, spec
+from slurm_vllm import jobenv, plan, render, spec
 from slurm_vllm.errors import SpecError
 
 pytestmark = pytest.mark.unit
@@ -143,3 +144,24 @@ def test_a_batch_that_may_go_on_requeues_itself_after_its_tasks() -> None:
     for quiet in (one, spec.parse(SPEC)):
         other = render.sbatch_text(quiet, plan.make(quiet, {}), "/usr/bin/python3")
         assert "--requeue" not in other and "scontrol requeue" not in other
+
+
+def test_a_sharded_batch_is_a_job_array_whose_tasks_have_folders_of_their_own() -> None:
+    """batch.shards: 3 → `--array=0-2`; each task's folder and batch log are named by its id as
+    squeue shows it (`<array id>_<task>`), as the shell of the script computes them."""
+    data = {**SPEC, "mode": "batch", "batch": {"input": "/data/in.jsonl", "shards": 3}}
+    s = spec.parse(data)
+    p = plan.make(s, {})
+    assert p.shards == 3
+    text = render.sbatch_text(s, p, "/usr/bin/python3")
+    assert "#SBATCH --array=0-2\n" in text
+    assert f"#SBATCH --output={shlex.quote(str(s.jobs_root_path) + '/llama-70b-%A_%a.out')}\n" in text
+    job_dir_line = next(line for line in text.splitlines() if line.startswith("job_dir="))
+    task = {"SLURM_JOB_ID": "125", "SLURM_ARRAY_JOB_ID": "123", "SLURM_ARRAY_TASK_ID": "2"}
+    shown = subprocess.run(["bash", "-c", f'{job_dir_line}\necho "$job_dir"'], capture_output=True,
+                           text=True, env=task, check=True).stdout.strip()
+    assert shown == f"{s.jobs_root_path}/llama-70b-123_2"
+    assert jobenv.shown_job_id(task, array=True) == "123_2" and jobenv.shown_job_id(task, False) == "125"
+    unsharded = spec.parse({**data, "batch": {"input": "/data/in.jsonl"}})
+    other = render.sbatch_text(unsharded, plan.make(unsharded, {}), "/usr/bin/python3")
+    assert "--array" not in other and '-"$SLURM_JOB_ID"\n' in other

@@ -40,6 +40,11 @@ def test_defaults() -> None:
     ({"slurm": {"time": "1 hour"}}, "slurm.time: '1 hour': use Slurm's"),
     ({"vllm": {"port": 80}}, "vllm.port: must be 1024-65535 or auto"),
     ({"model": {}}, "model.path: required key is missing"),
+    ({"mode": "batch", "batch": {"input": "/in.jsonl", "shards": 0}},
+     "batch.shards: must be 1-1000"),
+    ({"batch": {"shards": 2}}, "batch: only with mode: batch"),
+    ({"slurm": {"extra_directives": {"array": "0-3"}}},
+     "slurm.extra_directives.array: managed by slurm_vllm; use (batch.shards)"),
 ])
 def test_errors_name_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(SpecError) as info:
