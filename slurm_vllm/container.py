@@ -33,14 +33,14 @@ class Runtime:
     def kind(self) -> str:
         return self.spec.runtime
 
-    def start(self, argv: list[str], suffix: str = "") -> list[str]:
+    def start(self, argv: list[str], suffix: str = "", env_file: Path | None = None) -> list[str]:
         """The argv that starts ARGV as the rank's main program (a new container for docker/podman,
-        named NAME+SUFFIX)."""
+        named NAME+SUFFIX), with ENV_FILE instead of the rank's env file if given."""
         c = self.spec
         if c.runtime == "none":
             return argv
         if c.runtime == "apptainer":
-            return self._apptainer(argv)
+            return self._apptainer(argv, env_file)
         assert c.image is not None
         # Host network and IPC: Ray and vLLM use the node's address and its whole /dev/shm.
         cmd = [c.runtime, "run", "--rm", "--name", self.name + suffix, "--network", "host", "--ipc", "host",
@@ -50,7 +50,7 @@ class Runtime:
         cmd += self._gpu_flags()
         if self.infiniband:       # RDMA inside the container, else NCCL silently falls back to TCP
             cmd += ["--device", "/dev/infiniband", "--ulimit", "memlock=-1", "--cap-add", "IPC_LOCK"]
-        return [*cmd, *c.options, c.image, *wrapped(self.env_file, argv)]
+        return [*cmd, *c.options, c.image, *wrapped(env_file or self.env_file, argv)]
 
     def exec(self, argv: list[str], env_file: Path | None = None) -> list[str]:
         """The argv that runs ARGV beside the main program (same container, same network, same /tmp),

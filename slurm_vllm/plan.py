@@ -67,6 +67,7 @@ class Plan(Record):
     preflight: bool = False        # run the cross-node all-reduce before Ray and vLLM
     mode: str = "serve"            # "serve"; "batch" (spec.batch); "preflight": the all-reduce only
     shards: int = 1                # a sharded batch: the job array's size (each task one shard)
+    backend: str = "ray"           # "ray"; "mp": vLLM's own launcher (--nnodes/--node-rank/--headless)
 
 
 def factorizations(total: int) -> list[tuple[int, int]]:
@@ -181,7 +182,7 @@ def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
         gcs_port=None if spec.ray.port == "auto" else spec.ray.port,
         api_port=None if spec.vllm.port == "auto" else spec.vllm.port,
         ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto", preflight=spec.preflight,
-        mode=spec.mode, shards=spec.batch.shards if spec.mode == "batch" else 1,
+        mode=spec.mode, shards=spec.batch.shards if spec.mode == "batch" else 1, backend=spec.backend,
     )
 
 
@@ -211,7 +212,19 @@ def ray_argv(plan: Plan, ports: Ports, ip: str, head_address: str | None, cpus: 
     return [*argv, f"--address={head_address}"]
 
 
-def vllm_argv(plan: Plan, ip: str, port: int) -> list[str]:
-    return ["vllm", "serve", plan.model_path, "--served-model-name", plan.served_name,
+def vllm_argv(plan: Plan, ip: str, port: int, master: tuple[str, int] | None = None,
+              node_rank: int = 0) -> list[str]:
+    """`vllm serve` on the head (Ray executor; or, for backend mp, node rank 0 of vLLM's own
+    launcher, MASTER: the head's address and the job's master port), or on node NODE_RANK > 0 of
+    the mp backend (headless: no API server; IP and PORT are not used)."""
+    argv = ["vllm", "serve", plan.model_path, "--served-model-name", plan.served_name,
             "--tensor-parallel-size", str(plan.tp), "--pipeline-parallel-size", str(plan.pp),
-            "--distributed-executor-backend", "ray", "--host", ip, "--port", str(port), *plan.vllm_args]
+            "--distributed-executor-backend", plan.backend]
+    if plan.backend == "mp":
+        if master is None:
+            raise ValueError("backend mp: the master address and port are needed")
+        argv += ["--nnodes", str(plan.nodes), "--node-rank", str(node_rank), "--master-addr", master[0],
+                 "--master-port", str(master[1])]
+        if node_rank > 0:
+            return [*argv, "--headless", *plan.vllm_args]
+    return [*argv, "--host", ip, "--port", str(port), *plan.vllm_args]

@@ -78,9 +78,8 @@ class Child:
 def kill(children: Sequence[Child]) -> None:
     """SIGKILL each child's process group now and reap the children (no grace period)."""
     for child in children:
-        if child.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.popen.pid, signal.SIGKILL)
     for child in children:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.popen.wait(timeout=5)
@@ -88,15 +87,36 @@ def kill(children: Sequence[Child]) -> None:
 
 def terminate_all(children: Sequence[Child], timeout: float = 10) -> None:
     """SIGTERM every child's process group at once, SIGKILL what is left after TIMEOUT, reap them:
-    one grace period for all, not one each."""
+    one grace period for all, not one each.
+
+    A group whose leader (the child) died already is signalled too: its other members (vLLM's
+    worker processes after its `vllm serve` was killed) would otherwise live on as orphans. The
+    group's id cannot be reused while any member lives; none left is ProcessLookupError."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        running = [c for c in children if c.popen.poll() is None]
-        for child in running:
+        for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.popen.pid, sig)
         deadline = time.monotonic() + wait
-        while any(c.popen.poll() is None for c in running) and time.monotonic() < deadline:
+        while any(running(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def running(child: Child) -> bool:
+    """Does anything of CHILD's process group still run? (Its leader is reaped first, so that a
+    zombie leader does not count.)"""
+    child.popen.poll()
+    return group_alive(child.popen.pid)
+
+
+def group_alive(pgid: int) -> bool:
+    """Does a process of group PGID still run (signal 0 reaches a member)?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # Slurm's --signal=USR2@90 reaches every process of the job step, not only the ranks: a child that

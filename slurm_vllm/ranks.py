@@ -3,8 +3,11 @@
 Rank 0 (Head) starts the Ray head, waits until Ray reports every node and GPU, starts `vllm serve`
 in the same container, probes /health, /v1/models and a 1-token completion, then writes
 endpoint.json and READY and supervises. Other ranks (Worker) join Ray once the head's GCS port
-answers and stay until the head says done. Ranks meet only through the job folder and the head's
-ports; every wait polls a fact (probes.py) and fails at once when a child dies or a stop comes.
+answers and stay until the head says done. With backend mp there is no Ray: the head starts
+`vllm serve --nnodes N --node-rank 0 --master-addr HEAD`, each worker the same headless with its
+node rank, and the readiness probes, supervision and teardown are the same. Ranks meet only
+through the job folder and the head's ports; every wait polls a fact (probes.py) and fails at once
+when a child dies or a stop comes.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ class Rank:
     def environment(self, ident: Identity, ports: Ports) -> dict[str, str]:
         """What Ray and vLLM see on this node (rankenv.environment with this rank's secrets)."""
         return environment(self.spec, ident, self.jd.ray_token, self.secrets(),
-                           head_gcs=ports.gcs if self.rank == 0 else None)
+                           head_gcs=ports.gcs if self.rank == 0 and self.plan.backend == "ray" else None)
 
     def write_env_file(self, name: str, env: dict[str, str]) -> Path:
         """ENV as env/NAME.env (0600), the file a container reads its environment from."""
@@ -265,27 +268,16 @@ class Head(Rank):
         if ports is None:
             return
         assert self.runtime is not None
-        self.spawn("ray-head", self.runtime.start(ray_argv(self.plan, ports, ident.ip, None, self.job.cpus)))
-        self.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
-                      lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
-        self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
-        self.jd.write_stage(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
-        # Pipelined bring-up: `vllm serve` starts now, its imports and engine set-up overlapping the
-        # workers' join (it waits for its placement group); the barrier below still fails the job
-        # at once if a worker fails, and if vLLM dies while it waits.
         key = read_secret(self.jd.api_key) if self.plan.api_key else None
         config_root = self.jd.env_dir / "vllm-config"
         config_root.mkdir(exist_ok=True)
         atomic_write(config_root / NON_CARRY_OVER, json.dumps(["VLLM_API_KEY"]) + "\n")
         server_env = self.write_env_file("vllm-0", server_environment(self.env, key, config_root))
         host = "127.0.0.1" if self.plan.mode == "batch" else ident.ip   # a batch's server is private
-        argv = vllm_argv(self.plan, host, ports.api)
-        self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
-        nodes = self.barrier(ident, ports)
-        self.jd.write(self.jd.ray_nodes, RayNodes(nodes))
-        self.check_network(ident, nodes)
-        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
-                                           f"{', '.join(sorted(n.ip for n in nodes))}")
+        if self.plan.backend == "mp":
+            self.bring_up_mp(ident, ports, host, server_env)
+        else:
+            self.bring_up_ray(ident, ports, host, server_env)
         url = f"http://{host}:{ports.api}"
         self.wait_ready(url)
         if self.plan.mode == "batch":
@@ -299,6 +291,36 @@ class Head(Rank):
             self.check()
             self.check_workers()
             self.stop.wait(1.0)
+
+    def bring_up_ray(self, ident: Identity, ports: Ports, host: str, server_env: Path) -> None:
+        """The Ray head, then `vllm serve` at once (pipelined: its imports and engine set-up overlap
+        the workers' join, it waits for its placement group); the barrier still fails the job at
+        once if a worker fails, and if vLLM dies while it waits."""
+        assert self.runtime is not None
+        self.spawn("ray-head", self.runtime.start(ray_argv(self.plan, ports, ident.ip, None, self.job.cpus)))
+        self.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
+                      lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
+        self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
+        self.jd.write_stage(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
+        argv = vllm_argv(self.plan, host, ports.api)
+        self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
+        nodes = self.barrier(ident, ports)
+        self.jd.write(self.jd.ray_nodes, RayNodes(nodes))
+        self.check_network(ident, nodes)
+        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
+                                           f"{', '.join(sorted(n.ip for n in nodes))}")
+
+    def bring_up_mp(self, ident: Identity, ports: Ports, host: str, server_env: Path) -> None:
+        """backend mp: no Ray. head.json names the master (this node's address, the job's planned
+        GCS port as vLLM's master port); `vllm serve --node-rank 0` starts here, and each worker
+        starts its headless `vllm serve --node-rank R` as soon as head.json is there. vLLM's own
+        rendezvous is the barrier; a worker's failure file fails the job while it waits."""
+        assert self.runtime is not None
+        self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
+        argv = vllm_argv(self.plan, host, ports.api, master=(ident.ip, ports.gcs), node_rank=0)
+        self.spawn("vllm", self.runtime.start(argv, env_file=server_env), server_env)
+        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} (backend mp, "
+                                           f"master {ident.ip}:{ports.gcs}) on {len(self.job.hosts)} nodes")
 
     def run_batch(self, url: str, key: str | None) -> None:
         """Batch mode: the driver sends the input to the private server; DONE when every request
@@ -382,7 +404,12 @@ class Head(Rank):
     def wait_ready(self, url: str) -> None:
         """vLLM is ready when /health answers, /v1/models lists the model and 1 token comes back."""
         http = Http(url, read_secret(self.jd.api_key) if self.plan.api_key else None)
-        self.wait_for("vLLM's /health", http.healthy, self.plan.ready_timeout)
+
+        def healthy() -> bool:
+            self.check_workers()          # a worker that failed while vLLM loads fails the job now
+            return http.healthy()
+
+        self.wait_for("vLLM's /health", healthy, self.plan.ready_timeout)
         http.check_serving(self.plan.served_name)
         self.serving = True
 
@@ -399,11 +426,19 @@ class Worker(Rank):
         if ports is None:
             return
         assert self.runtime is not None
-        self.wait_for("the Ray head (head.json)", self.head_ready, self.plan.ready_timeout)
-        head = HeadInfo.read(self.jd.head)
-        address = f"{head.ip}:{head.gcs_port}"
-        argv = ray_argv(self.plan, ports, ident.ip, address, self.job.cpus)
-        self.spawn("ray-worker", self.runtime.start(argv))
+        if self.plan.backend == "mp":         # vLLM's own launcher: this node's part, headless
+            self.wait_for("the head (head.json)", lambda: self.published(self.jd.head),
+                          self.plan.ready_timeout)
+            head = HeadInfo.read(self.jd.head)
+            master = (head.ip, head.gcs_port)
+            argv = vllm_argv(self.plan, ident.ip, 0, master=master, node_rank=self.rank)
+            self.spawn("vllm", self.runtime.start(argv))
+        else:
+            self.wait_for("the Ray head (head.json)", self.head_ready, self.plan.ready_timeout)
+            head = HeadInfo.read(self.jd.head)
+            address = f"{head.ip}:{head.gcs_port}"
+            argv = ray_argv(self.plan, ports, ident.ip, address, self.job.cpus)
+            self.spawn("ray-worker", self.runtime.start(argv))
         while not self.jd.done.exists():
             self.check()
             self.stop.wait(POLL)

@@ -52,7 +52,10 @@ def looks_secret(name: str) -> bool:
 MANAGED_VLLM_ARGS = {
     "model": "model.path", "served_model_name": "model.served_name",
     "tensor_parallel_size": "parallelism.tensor", "pipeline_parallel_size": "parallelism.pipeline",
-    "distributed_executor_backend": "(always ray)", "host": "(the node's address)",
+    "distributed_executor_backend": "backend (ray or mp)", "host": "(the node's address)",
+    "nnodes": "slurm.nodes", "node_rank": "(each node's rank in the allocation)",
+    "master_addr": "(the head node's address)", "master_port": "(planned per job)",
+    "headless": "backend: mp (the nodes other than the head run headless)",
     "port": "vllm.port", "api_key": "vllm.api_key (the key reaches vLLM through a 0600 env file)",
     "hf_token": "secret_env: {HF_TOKEN: /path/to/file} (a flag's value is seen by ps and kept in job.sbatch)",
     "config": "vllm.args (a config file could set the options slurm_vllm manages)",
@@ -205,6 +208,7 @@ class JobSpec:
     secret_env: dict[str, str] = field(default_factory=dict)
     vllm: VllmSpec = field(default_factory=VllmSpec)
     ray: RaySpec = field(default_factory=RaySpec)
+    backend: Literal["ray", "mp"] = "ray"   # mp: vLLM's own multi-node launcher, no Ray
     mode: Literal["serve", "batch"] = "serve"
     batch: BatchSpec = field(default_factory=BatchSpec)
     jobs_root: str = DEFAULT_JOBS_ROOT

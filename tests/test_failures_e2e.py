@@ -112,25 +112,30 @@ def test_a_job_that_dies_before_slurm_vllm_starts_is_explained(case: str, testbe
     assert text.returncode == 0 and len(text.stdout.splitlines()) == 1, text.stdout
 
 
-@pytest.mark.parametrize("kill", ["worker-raylet", "head-vllm", "worker-node-program"])
+@pytest.mark.parametrize("kill", ["worker-raylet", "head-vllm", "worker-node-program", "worker-vllm-mp"])
 def test_a_death_while_serving_fails_the_job_within_30s(kill: str, testbed: dict[str, str],
                                                        tmp_path: Path) -> None:
     """After READY, kill -9 a worker's raylet, the head's `vllm serve`, or a worker's node program
     (as the OOM killer would: srun then stops the other tasks, which must not read as a cancel):
-    FAILED within 30 s, naming the node, every node cleaned and the allocation released."""
-    job = submit(spec_file(tmp_path, "test-none-tp2.yaml", f"death-{kill.split('-')[0]}"), wait=True)
+    FAILED within 30 s, naming the node, every node cleaned and the allocation released. With
+    backend mp (no Ray), kill -9 of a worker's headless `vllm serve`."""
+    changes = {"backend": "mp"} if kill.endswith("-mp") else {}
+    name = f"death-{kill.split('-')[0]}{'-mp' if changes else ''}"
+    job = submit(spec_file(tmp_path, "test-none-tp2.yaml", name, **changes), wait=True)
     job_id = job["job_id"]
     try:
         head = int(allocation(job_id)[0].removeprefix("node"))
         node = head if kill == "head-vllm" else worker_node(job_id)
         pid = {"worker-raylet": lambda: raylet(node), "head-vllm": lambda: node_process(node, "vllm serve"),
-               "worker-node-program": lambda: node_process(node, "slurm_vllm.node run")}[kill]()
+               "worker-node-program": lambda: node_process(node, "slurm_vllm.node run"),
+               "worker-vllm-mp": lambda: node_process(node, "vllm serve")}[kill]()
         os.kill(pid, signal.SIGKILL)
         st, took = wait_final(job_id, 30)
         assert st["stage"] == "FAILED", st
         assert f"node{node}" in st["detail"], st
         what = {"worker-raylet": "ray-worker exited", "head-vllm": "vllm exited",
-                "worker-node-program": "the node program of rank 1 ended (Killed)"}[kill]
+                "worker-node-program": "the node program of rank 1 ended (Killed)",
+                "worker-vllm-mp": "vllm exited"}[kill]
         assert what in st["detail"], st
         print(f"{kill} killed: FAILED after {took:.1f} s: {st['detail'][:200]}")
         wait_released(job_id)

@@ -78,3 +78,24 @@ def test_ray_and_vllm_argv() -> None:
     assert serve[:3] == ["vllm", "serve", "/nonexistent"]
     assert serve[serve.index("--pipeline-parallel-size") + 1] == "2"
     assert "--api-key" not in serve
+    assert serve[serve.index("--distributed-executor-backend") + 1] == "ray" and "--nnodes" not in serve
+
+
+def test_the_mp_backend_runs_vllms_own_launcher_on_every_node() -> None:
+    """backend mp: node rank 0 serves the API with --nnodes/--node-rank/--master-addr/--master-port;
+    the other nodes run the same headless (no --host/--port: they serve no API)."""
+    s = spec.parse({"name": "t", "model": {"path": "/m"}, "slurm": {"nodes": 2, "gpus_per_node": 1},
+                    "parallelism": {"tensor": 2, "pipeline": 1}, "backend": "mp",
+                    "vllm": {"args": {"max_model_len": 256}}})
+    p = plan.make(s)
+    assert p.backend == "mp"
+    head = plan.vllm_argv(p, "10.0.0.1", 8000, master=("10.0.0.1", 20100), node_rank=0)
+    assert head[head.index("--distributed-executor-backend") + 1] == "mp"
+    assert " ".join(head).endswith("--nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 20100 "
+                                   "--host 10.0.0.1 --port 8000 --max-model-len 256")
+    worker = plan.vllm_argv(p, "10.0.0.2", 0, master=("10.0.0.1", 20100), node_rank=1)
+    assert " ".join(worker).endswith("--node-rank 1 --master-addr 10.0.0.1 --master-port 20100 --headless "
+                                     "--max-model-len 256")
+    assert "--host" not in worker and "--port" not in worker
+    with pytest.raises(ValueError, match="master"):
+        plan.vllm_argv(p, "10.0.0.1", 8000)

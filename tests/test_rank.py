@@ -201,3 +201,37 @@ def test_log_tails_in_messages_have_no_colour_codes() -> None:
 
     text = "a\n\n\x1b[36m(RayWorkerProc pid=1, ip=10.0.0.2)\x1b[0m boom\n"
     assert _tail(text, 5) == "a\n(RayWorkerProc pid=1, ip=10.0.0.2) boom"
+
+
+def test_teardown_kills_the_orphans_of_a_child_that_died(tmp_path: Path) -> None:
+    """A child killed outright (kill -9 of a worker's `vllm serve`) leaves its own children, in its
+    process group, as orphans: terminate_all still ends the whole group, at once."""
+    import os
+    import signal
+    import time
+
+    from slurm_vllm import proc
+
+    pid_file = tmp_path / "orphan"
+    child = proc.spawn("vllm", ["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], tmp_path / "log")
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text().endswith("\n"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    orphan = int(pid_file.read_text())
+    os.kill(child.popen.pid, signal.SIGKILL)
+    child.popen.wait(5)
+    assert proc.group_alive(child.popen.pid)                    # the orphan lives on in the group
+    t0 = time.monotonic()
+    proc.terminate_all([child], timeout=10)
+    assert time.monotonic() - t0 < 2                            # SIGTERM was enough: no grace period spent
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{orphan}/stat").read_text().split()[2] == "Z"   # dead, till init reaps it
+        except OSError:
+            return True
+
+    while not gone():
+        assert time.monotonic() - t0 < 5, f"orphan {orphan} still running"
+        time.sleep(0.05)

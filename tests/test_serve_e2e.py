@@ -14,7 +14,13 @@ import pytest
 import yaml
 
 from .support.cli import chat, cli, expected, status, wait_stage
-from .support.testbed import env_delivery_problems, leftovers, node_process_env, vllm_workers_by_node
+from .support.testbed import (
+    env_delivery_problems,
+    leftovers,
+    node_process_env,
+    node_processes,
+    vllm_workers_by_node,
+)
 
 pytestmark = pytest.mark.e2e
 CONFIGS = Path(__file__).resolve().parent / "configs"              # the test bed's specs
@@ -220,3 +226,27 @@ def test_tensor_parallel_within_one_node(testbed: dict[str, str], tmp_path: Path
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
     finally:
         cancel_and_check_clean(job["job_dir"], nodes=int(os.environ["SLURM_VLLM_TESTBED_NODES"]))
+
+
+def test_mp_backend_serves_across_nodes_without_ray(testbed: dict[str, str]) -> None:
+    """backend mp: vLLM's own multi-node launcher, TP2 over 2 nodes: one vLLM worker process on each
+    node of the allocation, no Ray process anywhere, the greedy answer through the endpoint, the
+    node identity applied on the headless node too, and a cancel leaves nothing."""
+    job, job_dir = submit_wait("test-none-tp2-mp.yaml")
+    try:
+        assert_vllm_workers_on(job)
+        nodes = int(os.environ["SLURM_VLLM_TESTBED_NODES"])
+        ray = [f"node{i}: {cmd[:80]}" for i in range(1, nodes + 1) for _, comm, cmd in node_processes(i)
+               if comm in ("raylet", "gcs_server") or cmd.startswith("ray::")]
+        assert ray == [], ray
+        worker = allocation(job)[1]
+        env = node_process_env(int(worker.removeprefix("node")), "--headless")
+        assert env["VLLM_HOST_IP"] == socket.gethostbyname(worker), env.get("VLLM_HOST_IP")
+        stages = (job_dir / "stage.log").read_text()
+        assert "RAY_HEAD" not in stages and "(backend mp, master " in stages, stages
+        endpoint = json.loads(cli("endpoint", job, "--json").stdout)
+        key = Path(endpoint["api_key_file"]).read_text().strip()
+        assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+    finally:
+        idle = cancel_and_check_clean(job)
+        print(f"backend mp: nodes idle {idle:.1f} s after cancel")

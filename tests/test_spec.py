@@ -43,6 +43,9 @@ def test_defaults() -> None:
     ({"mode": "batch", "batch": {"input": "/in.jsonl", "shards": 0}},
      "batch.shards: must be 1-1000"),
     ({"batch": {"shards": 2}}, "batch: only with mode: batch"),
+    ({"backend": "nccl"}, "backend: expected one of ray, mp, got 'nccl'"),
+    ({"vllm": {"args": {"headless": True}}}, "vllm.args.headless: set by slurm_vllm; use backend: mp"),
+    ({"vllm": {"args": {"node-rank": 1}}}, "vllm.args.node-rank: set by slurm_vllm"),
     ({"slurm": {"extra_directives": {"array": "0-3"}}},
      "slurm.extra_directives.array: managed by slurm_vllm; use (batch.shards)"),
 ])

@@ -72,9 +72,10 @@ def leftovers(nodes: int) -> list[str]:
     return found
 
 
-# vLLM's Ray worker actors, by process title (Ray sets "ray::<actor class>[.<method>]"):
-# RayWorkerProc in vLLM >= 0.30's Ray executor, RayWorkerWrapper before.
-VLLM_WORKER_TITLES = ("ray::RayWorkerProc", "ray::RayWorkerWrapper")
+# vLLM's workers, by process title: the Ray executor's actors (Ray sets "ray::<actor class>[.<method>]":
+# RayWorkerProc in vLLM >= 0.30, RayWorkerWrapper before) and the mp executor's processes
+# ("VLLM::Worker_TP1", "VLLM::Worker_PP0_TP1"… : backend mp).
+VLLM_WORKER_TITLES = ("ray::RayWorkerProc", "ray::RayWorkerWrapper", "VLLM::Worker")
 
 
 def vllm_workers_by_node(nodes: int) -> dict[str, int]:
