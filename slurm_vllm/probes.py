@@ -11,11 +11,22 @@ from .errors import ServeError
 from .records import RayNode
 
 # Run inside the container with its Python: the alive Ray nodes, with their IPs and GPUs.
-RAY_PROBE = """
-import json, sys, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-nodes = [n for n in ray.nodes() if n["Alive"]]
-print(json.dumps([{"ip": n["NodeManagerAddress"], "gpus": n["Resources"].get("GPU", 0)} for n in nodes]))
+# The head's barrier: one process (Ray imported and connected once, not once a poll) prints the alive
+# nodes as a JSON line whenever they change, and ends once NODES nodes with GPUS GPUs are there.
+RAY_WATCH = """
+import json, sys, time, ray
+address, want_nodes, want_gpus = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+last = None
+while True:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    line = json.dumps([{"ip": n["NodeManagerAddress"], "gpus": n["Resources"].get("GPU", 0)} for n in nodes])
+    if line != last:
+        print(line, flush=True)
+        last = line
+    if len(nodes) >= want_nodes and sum(n["Resources"].get("GPU", 0) for n in nodes) >= want_gpus:
+        break
+    time.sleep(0.2)
 """
 
 
@@ -38,13 +49,16 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def parse_ray_nodes(stdout: str) -> tuple[RayNode, ...] | None:
-    """RAY_PROBE's output (its last line), or None when it printed no readable answer."""
-    try:
-        rows = json.loads(stdout.strip().splitlines()[-1])
-        return tuple(RayNode(str(n["ip"]), float(n["gpus"])) for n in rows)
-    except (ValueError, IndexError, KeyError, TypeError):
-        return None
+def parse_ray_nodes(output: str) -> tuple[RayNode, ...] | None:
+    """The last answer in RAY_WATCH's output (its last line that is one: Ray may log around them),
+    or None when it printed none yet."""
+    for line in reversed(output.strip().splitlines()):
+        try:
+            rows = json.loads(line)
+            return tuple(RayNode(str(n["ip"]), float(n["gpus"])) for n in rows)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 class Http:

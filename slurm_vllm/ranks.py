@@ -37,7 +37,7 @@ from .jobenv import JobEnv
 from .netid import Identity, identity, interface_network
 from .plan import Plan, Ports, ray_argv, vllm_argv
 from .portclaim import PortClaims
-from .probes import RAY_PROBE, Http, parse_ray_nodes, port_free, port_open
+from .probes import RAY_WATCH, Http, parse_ray_nodes, port_free, port_open
 from .rankenv import NON_CARRY_OVER, Stopped, choose_ports, environment, server_environment
 from .records import BatchProgress, Endpoint, HeadInfo, RankFailure, RayNode, RayNodes, Rendezvous, Stage
 from .spec import JobSpec
@@ -365,26 +365,35 @@ class Head(Rank):
         assert self.runtime is not None
         want_nodes = self.plan.nodes
         want_gpus = self.plan.nodes * self.plan.gpus_per_node
-        probe = self.runtime.exec(["python3", "-c", RAY_PROBE, f"{ident.ip}:{ports.gcs}"])
+        argv = ["python3", "-c", RAY_WATCH, f"{ident.ip}:{ports.gcs}", str(want_nodes), str(want_gpus)]
+        log = self.jd.rank_log("ray-watch", self.rank)
+        watch = proc.spawn("ray-watch", self.runtime.exec(argv), log, env=self.child_env())
+        self.watchdog.watch(watch.popen.pid)
         seen: tuple[RayNode, ...] = ()
         last = -1
 
         def joined() -> bool:
             nonlocal seen, last
             self.check_workers()
-            out = proc.run(probe, env=self.child_env(), check=False, timeout=60)
-            parsed = parse_ray_nodes(out.stdout)
-            if parsed is None:
-                return False
-            seen = parsed
-            if len(seen) != last:
-                last = len(seen)
-                self.jd.write_stage(Stage.RAY_JOINED, f"{len(seen)}/{want_nodes}")
-            gpus = sum(n.gpus for n in seen)
-            return len(seen) >= want_nodes and gpus >= want_gpus
+            ended = not watch.alive()            # read after: its last line is then surely in the log
+            parsed = parse_ray_nodes(log.read_text(errors="replace"))
+            if parsed is not None:
+                seen = parsed
+                if len(seen) != last:
+                    last = len(seen)
+                    self.jd.write_stage(Stage.RAY_JOINED, f"{len(seen)}/{want_nodes}")
+            if len(seen) >= want_nodes and sum(n.gpus for n in seen) >= want_gpus:
+                return True
+            if ended:
+                raise ClusterError(f"the Ray probe exited (code {watch.returncode()}) on "
+                                   f"{socket.gethostname()}: {watch.tail(8)}")
+            return False
 
-        self.wait_for(f"Ray to report {want_nodes} nodes and {want_gpus} GPUs", joined,
-                      self.plan.ready_timeout)
+        try:
+            self.wait_for(f"Ray to report {want_nodes} nodes and {want_gpus} GPUs", joined,
+                          self.plan.ready_timeout)
+        finally:
+            watch.terminate(timeout=5)
         return seen
 
     def check_network(self, ident: Identity, nodes: tuple[RayNode, ...]) -> None:

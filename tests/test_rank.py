@@ -138,6 +138,9 @@ def test_ray_probe_output() -> None:
     out = 'some warning\n[{"ip": "10.77.0.11", "gpus": 1.0}, {"ip": "10.77.0.12", "gpus": 1}]\n'
     assert parse_ray_nodes(out) == (RayNode("10.77.0.11", 1.0), RayNode("10.77.0.12", 1.0))
     assert parse_ray_nodes("") is None and parse_ray_nodes("Traceback ...") is None
+    log = ('--- 2026-11-30 00:00:00 ray-watch: sh ...\n[{"ip": "10.77.0.11", "gpus": 1}]\n'
+           '[{"ip": "10.77.0.11", "gpus": 1}, {"ip": "10.77.0.12", "gpus": 1}]\n2026 WARNING something\n')
+    assert parse_ray_nodes(log) == (RayNode("10.77.0.11", 1.0), RayNode("10.77.0.12", 1.0))  # the last answer
 
 
 def test_identity_on_an_interface_of_this_host() -> None:
