@@ -253,7 +253,12 @@ def merge(output: Path, parts: Path, input_path: Path, lock_timeout: float = 120
     (idempotent: run it any number of times, while shards still write, and after); when then every
     request of the input at INPUT_PATH has a line, remove the parts. Under an exclusive lock on
     OUTPUT; a half-written last line of a part (its shard is writing) waits for the next merge."""
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        if not input_path.is_file():
+            raise BatchInputError(f"batch.input: {input_path}: not a file (the merge counts its requests)")
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        raise BatchInputError(f"batch.output: {output}: {exc.strerror}") from None
     with os.fdopen(fd, "ab") as out:
         deadline = time.monotonic() + lock_timeout
         while True:

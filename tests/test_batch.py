@@ -390,3 +390,11 @@ def test_the_merge_verb_merges_on_demand_from_the_spec(tmp_path: Path,
     serve.write_text(yaml.safe_dump({"name": "s", "model": {"path": "/m"}}))
     assert cli.main(["merge", str(serve)]) == 2
     assert capsys.readouterr().err.strip() == "slurm_vllm: error: merge: s is not a batch (mode: serve)"
+
+
+def test_a_merge_without_its_input_or_output_folder_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BatchInputError, match=r"batch.input: .*/gone.jsonl: not a file"):
+        merge(tmp_path / "out.jsonl", tmp_path / "parts", tmp_path / "gone.jsonl")
+    inp = write_input(tmp_path / "in.jsonl", [request(0)])
+    with pytest.raises(BatchInputError, match=r"batch.output: .*/nowhere/out.jsonl: No such file"):
+        merge(tmp_path / "nowhere" / "out.jsonl", tmp_path / "parts", inp)
