@@ -94,7 +94,7 @@ class Driver:
                 self.out.close()
         progress = self.progress()
         self.report(progress)
-        if self.counts["lost"]:
+        if self.counts["lost"] and not self.stop.is_set():    # after a stop: expected, they run again
             raise BatchError(f"{self.counts['lost']} requests got no answer ({self.lost_reason}); "
                              f"{progress.done}/{progress.total} done: submit again to finish")
         return progress

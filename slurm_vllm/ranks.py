@@ -28,7 +28,7 @@ import yaml
 from . import preflight as preflight_mod
 from . import proc
 from . import spec as spec_mod
-from .batchdriver import Driver
+from .batchdriver import BatchError, Driver
 from .batchio import merge, part_path
 from .container import Runtime, env_file_text
 from .errors import ClusterError
@@ -46,6 +46,7 @@ from .watchdog import Watchdog
 POLL = 0.5          # seconds between two looks at a fact (port, Ray, HTTP); never a stand-in for one
 BATCH_DRAIN = 50.0  # after SIGUSR2 (90 s before the limit), wait this long for the requests in flight
 CANCEL_DRAIN = 5.0  # after a cancel: Slurm's KillWait (30 s by default) covers this and the teardown
+STOP_RACE = 3.0     # scancel signals every process of the step at once: vLLM may go before the rank hears
 
 
 class Rank:
@@ -352,13 +353,26 @@ class Head(Rank):
 
         driver = Driver(url, key, Path(b.input or ""), writes, self.plan.served_name, b.concurrency,
                         self.stop, check=alive, report=report, shard=shard, also_done=also_done)
-        progress = driver.run(drain=lambda: BATCH_DRAIN if self.stop_reason == "TIMEOUT" else CANCEL_DRAIN)
+        try:
+            progress = driver.run(drain=self.drain_time)
+        except BatchError:
+            # Requests lost because the server went away: a failure, unless it went away because the
+            # job is being stopped (scancel's SIGTERM reaches vLLM and this rank at the same moment;
+            # the rank's stop may come a little after the resets). Wait for that stop, bounded.
+            if not self.stop.wait(STOP_RACE):
+                raise
+            progress = driver.progress()
         if not progress.finished:
             raise Stopped(self.stop_reason or "stopped", detail=progress.summary())
         self.done_detail = progress.summary()
         if shard is not None:            # the last shard to end completes the output
             merged = merge(out, self.spec.batch_parts, Path(b.input or ""))
             self.done_detail += f"; {merged.line()}"
+
+    def drain_time(self) -> float:
+        """How long a stopped batch waits for its requests in flight: long at the time limit (the
+        server stays up), short after a cancel."""
+        return BATCH_DRAIN if self.stop_reason == "TIMEOUT" else CANCEL_DRAIN
 
     def barrier(self, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
         """Wait until Ray reports every node and every GPU of the allocation."""

@@ -398,3 +398,24 @@ def test_a_merge_without_its_input_or_output_folder_is_one_clear_error(tmp_path:
     inp = write_input(tmp_path / "in.jsonl", [request(0)])
     with pytest.raises(BatchInputError, match=r"batch.output: .*/nowhere/out.jsonl: No such file"):
         merge(tmp_path / "nowhere" / "out.jsonl", tmp_path / "parts", inp)
+
+
+def test_requests_lost_because_the_job_is_stopping_are_not_a_failure(tmp_path: Path) -> None:
+    """scancel's SIGTERM reaches vLLM and the rank together: requests the dying server drops after
+    the stop get no line (they run again on resume), and the run ends as stopped, not failed."""
+    fake = FakeVllm()
+    fake.hold.clear()                                              # every request waits...
+    stop = threading.Event()
+    d = driver(fake, tmp_path, 50, concurrency=4, stop=stop)
+
+    def cancel() -> None:
+        stop.set()
+        fake.dead.set()
+        fake.hold.set()
+        fake.close()                                               # ...then the job is cancelled
+
+    threading.Timer(0.5, cancel).start()
+    progress = d.run(drain=lambda: 5)
+    assert not progress.finished and progress.lost > 0 and progress.done < 50
+    ids = [r["custom_id"] for r in results(tmp_path / "out.jsonl")]
+    assert len(ids) == len(set(ids)) == progress.done
