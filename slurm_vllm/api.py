@@ -297,10 +297,11 @@ def sum_progress(parts: list[BatchProgress], each: list[Status]) -> BatchProgres
     if not parts:
         return None
     sending = [p for p in parts if not p.finished]
-    output = Path(parts[0].output)
-    merged = output.parent.with_name(output.parent.name.removesuffix(".parts"))
+    from .batchio import merged_output
+
     return BatchProgress(
-        output=str(merged), total=sum(p.total for p in parts), done=sum(p.done for p in parts),
+        output=str(merged_output(Path(parts[0].output))), total=sum(p.total for p in parts),
+        done=sum(p.done for p in parts),
         resumed=sum(p.resumed for p in parts), ok=sum(p.ok for p in parts),
         refused=sum(p.refused for p in parts), lost=sum(p.lost for p in parts),
         in_flight=sum(p.in_flight for p in parts), tokens_in=sum(p.tokens_in for p in parts),
@@ -341,10 +342,11 @@ def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job | Ar
         plan = replace(plan, mode="preflight", shards=1)
     job_id, folder = sbatch(job_spec, plan)
     if plan.shards > 1:
-        shards = [Job(folder.with_name(f"{folder.name}_{k}"), job_id=f"{job_id}_{k}", plan=plan)
-                  for k in range(plan.shards)]
-        for shard in shards:
-            index.record(str(shard._job_id), shard.path, plan)
+        shards = []
+        for k in range(plan.shards):
+            task_id, task_dir = f"{job_id}_{k}", folder.with_name(f"{folder.name}_{k}")
+            index.record(task_id, task_dir, plan)
+            shards.append(Job(task_dir, job_id=task_id, plan=plan))
         return ArrayJob(job_id, shards, plan)
     index.record(job_id, folder, plan)
     return Job(folder, job_id=job_id, plan=plan)

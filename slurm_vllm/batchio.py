@@ -226,6 +226,11 @@ def part_path(parts: Path, shard: int, shards: int) -> Path:
     return parts / f"part-{shard}-of-{shards}.jsonl"
 
 
+def merged_output(part: Path) -> Path:
+    """The output that a shard's PART (part_path's name) is merged into."""
+    return part.parent.with_name(part.parent.name.removesuffix(".parts"))
+
+
 @dataclass(frozen=True)
 class MergeResult:
     """What a merge did: parts read, lines added to the output, and how complete the output is."""
