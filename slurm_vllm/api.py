@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import index
-from .errors import JobEnded, JobFolderError, SlurmVllmError, WaitTimeout
+from .errors import JobEnded, JobFolderError, SlurmVllmError, SpecError, WaitTimeout
 from .index import IndexEntry
 from .jobdir import JobDir, find, is_job_id
 from .plan import Plan
@@ -329,17 +329,25 @@ def check_batch_input(spec: JobSpec, plan: Plan) -> InputSummary | None:
     return validate(Path(spec.batch.input or "").expanduser(), plan.served_name)
 
 
-def submit(spec: JobSpec | str | Path, preflight_only: bool = False) -> Job | ArrayJob:
+def submit(spec: JobSpec | str | Path, preflight_only: bool = False,
+           ray_only: bool = False) -> Job | ArrayJob:
     """Submit SPEC (a YAML file or a JobSpec); the Job returns at once (wait() for READY, or for
-    DONE in batch mode). A batch input is checked first; a sharded batch is an ArrayJob."""
+    DONE in batch mode). A batch input is checked first; a sharded batch is an ArrayJob.
+    PREFLIGHT_ONLY: the all-reduce only; RAY_ONLY: the Ray cluster only (every node joined and on
+    the right network); either ends DONE without vLLM, as one allocation."""
     from .sbatch import submit as sbatch
 
+    if preflight_only and ray_only:
+        raise ValueError("preflight_only and ray_only exclude each other")
     job_spec, plan = load(spec)
-    if not preflight_only:
-        check_batch_input(job_spec, plan)
-    if preflight_only:       # one allocation, the all-reduce only: neither a batch nor an array
+    if ray_only and plan.backend != "ray":
+        raise SpecError(f"backend: {plan.backend} starts no Ray cluster; preflight --ray needs backend: ray")
+    if preflight_only or ray_only:    # one allocation, no vLLM: neither a batch nor an array
         job_spec = replace(job_spec, mode="serve", batch=BatchSpec())
-        plan = replace(plan, mode="preflight", shards=1)
+        plan = replace(plan, mode="preflight" if preflight_only else "ray", shards=1,
+                       preflight=False)     # mode "preflight" runs the all-reduce; "ray" skips it
+    else:
+        check_batch_input(job_spec, plan)
     job_id, folder = sbatch(job_spec, plan)
     if plan.shards > 1:
         shards = []

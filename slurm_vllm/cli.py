@@ -147,15 +147,41 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     from .preflight import table
     from .records import PreflightResult, Stage
 
-    job = submit(args.spec, preflight_only=True)
+    job = submit(args.spec, preflight_only=not args.ray, ray_only=args.ray)
     assert isinstance(job, Job)              # a preflight is one allocation, never an array
-    print(f"preflight job {job.job_id}: all-reduce across {job.plan().nodes} nodes, folder {job.path}",
+    what = "the Ray cluster" if args.ray else "all-reduce"
+    print(f"preflight job {job.job_id}: {what} across {job.plan().nodes} nodes, folder {job.path}",
           file=sys.stderr)
     code = _wait(job, sys.stderr, Stage.DONE)
-    if code == 0:
+    if code == 0 and args.ray:
+        print(json.dumps(ray_report(job)) if args.json else ray_table(ray_report(job)))
+    elif code == 0:
         result = PreflightResult.read(job.dir.preflight)
         print(json.dumps(result.to_dict()) if args.json else table(result))
     return code
+
+
+def ray_report(job: Job) -> dict[str, object]:
+    """What `preflight --ray` found: Ray's nodes, and when the head and the last node were up,
+    in seconds after the job started (stage.log)."""
+    from .records import RayNodes, Stage
+
+    nodes = RayNodes.read(job.dir.ray_nodes).nodes
+    times = job.dir.stage_times()
+    start = times.get(Stage.STARTING)
+    after = {stage: round(t - start, 2) if start is not None else None for stage, t in times.items()}
+    return {"job_id": job.job_id, "nodes": [{"ip": n.ip, "gpus": n.gpus} for n in nodes],
+            "ray_head_s": after.get(Stage.RAY_HEAD), "all_joined_s": after.get(Stage.RAY_JOINED)}
+
+
+def ray_table(report: dict[str, object]) -> str:
+    nodes = report["nodes"]
+    assert isinstance(nodes, list)
+    lines = [f"Ray cluster of {len(nodes)} nodes: head up {report['ray_head_s']} s, all joined "
+             f"{report['all_joined_s']} s after the job started",
+             f"{'node ip':>16}  gpus"]
+    lines += [f"{n['ip']:>16}  {n['gpus']:g}" for n in nodes]
+    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -263,6 +289,8 @@ def parser() -> argparse.ArgumentParser:
     pf = verb("preflight", cmd_preflight, "run a cross-node all-reduce in the spec's allocation and "
               "containers; print bandwidth and NCCL's transport", spec=True)
     pf.add_argument("--json", action="store_true")
+    pf.add_argument("--ray", action="store_true", help="instead: bring up the job's Ray cluster (no vLLM), "
+                    "check that every node joined on the right network; print the nodes and the time")
     ls = verb("list", cmd_list, "your jobs: id, name, stage, nodes, TPxPP, URL, age, time left")
     ls.add_argument("--all", action="store_true", help="also the jobs that ended")
     ls.add_argument("--json", action="store_true")

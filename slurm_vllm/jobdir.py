@@ -198,6 +198,21 @@ class JobDir:
             with open(self.stage_log, "a") as f:
                 f.write(f"{now:.3f} {stage.value}{' ' + detail if detail else ''}\n")
 
+    def stage_times(self) -> dict[Stage, float]:
+        """When each stage was last written (stage.log; after a requeue: the last run's)."""
+        times: dict[Stage, float] = {}
+        try:
+            lines = self.stage_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return times
+        for line in lines:
+            t, _, rest = line.partition(" ")
+            try:
+                times[Stage(rest.split(" ", 1)[0])] = float(t)
+            except ValueError:
+                continue          # not a stage line: left out
+        return times
+
     def read_stage(self) -> StageInfo:
         """The current stage; PENDING before the first write (the job has not started yet)."""
         if not self.stage_file.exists():

@@ -14,9 +14,10 @@ from .records import RayNode
 # The head's barrier: one process (Ray imported and connected once, not once a poll) prints the alive
 # nodes as a JSON line whenever they change, and ends once NODES nodes with GPUS GPUs are there.
 RAY_WATCH = """
-import json, sys, time, ray
+import json, os, signal, sys, time, ray
 address, want_nodes, want_gpus = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))     # stopped by the head: quietly, no traceback
 last = None
 while True:
     nodes = [n for n in ray.nodes() if n["Alive"]]

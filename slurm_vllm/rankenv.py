@@ -29,7 +29,12 @@ def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mappin
     """What Ray and vLLM see on this node (inside the container): the spec's env, the node's one
     identity, Ray's token auth and SECRETS. The head (HEAD_GCS set) also gets RAY_ADDRESS, so that
     `vllm serve` joins this job's Ray and never starts its own."""
-    env = dict(spec.env)
+    # Ray >= 2.5x drains a node for up to 30 s on SIGTERM (for Ray Serve); the rank stops vLLM
+    # itself, so the drain would only hold the job's end (and the next job's start). The raylet
+    # starts idle workers for the first driver, which is the head's barrier watch, not vLLM: wasted
+    # CPU while vLLM imports. The spec's env may set either.
+    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_prestart_worker_first_driver": "0",
+           **spec.env}
     env.update({
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(ray_token),

@@ -269,6 +269,12 @@ class Head(Rank):
         if ports is None:
             return
         assert self.runtime is not None
+        if self.plan.mode == "ray":          # preflight --ray: the Ray cluster only, then DONE
+            self.start_ray_head(ident, ports)
+            nodes = self.join(ident, ports)
+            self.done_detail = (f"Ray: {len(nodes)} nodes, {sum(n.gpus for n in nodes):g} GPUs joined at "
+                                f"{ident.ip}:{ports.gcs}: {', '.join(sorted(n.ip for n in nodes))}")
+            return
         key = read_secret(self.jd.api_key) if self.plan.api_key else None
         config_root = self.jd.env_dir / "vllm-config"
         config_root.mkdir(exist_ok=True)
@@ -298,18 +304,29 @@ class Head(Rank):
         the workers' join, it waits for its placement group); the barrier still fails the job at
         once if a worker fails, and if vLLM dies while it waits."""
         assert self.runtime is not None
+        self.start_ray_head(ident, ports)
+        argv = vllm_argv(self.plan, host, ports.api)
+        self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
+        nodes = self.join(ident, ports)
+        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
+                                           f"{', '.join(sorted(n.ip for n in nodes))}")
+
+    def start_ray_head(self, ident: Identity, ports: Ports) -> None:
+        """`ray start --head` in this rank's container; head.json once its GCS port answers (the
+        workers join then)."""
+        assert self.runtime is not None
         self.spawn("ray-head", self.runtime.start(ray_argv(self.plan, ports, ident.ip, None, self.job.cpus)))
         self.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
                       lambda: port_open(ident.ip, ports.gcs), self.plan.ready_timeout)
         self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
         self.jd.write_stage(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
-        argv = vllm_argv(self.plan, host, ports.api)
-        self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
+
+    def join(self, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
+        """The barrier, then ray_nodes.json and the check that every node is on the right network."""
         nodes = self.barrier(ident, ports)
         self.jd.write(self.jd.ray_nodes, RayNodes(nodes))
         self.check_network(ident, nodes)
-        self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
-                                           f"{', '.join(sorted(n.ip for n in nodes))}")
+        return nodes
 
     def bring_up_mp(self, ident: Identity, ports: Ports, host: str, server_env: Path) -> None:
         """backend mp: no Ray. head.json names the master (this node's address, the job's planned

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from slurm_vllm.batchio import shard_of
 
 from .support.cli import cli, status
 from .support.reference import greedy_chat, greedy_completion
+from .support.specs import derive
 from .test_failures_e2e import wait_final, wait_released
-from .test_serve_e2e import CONFIGS, logs
+from .test_serve_e2e import logs
 
 pytestmark = pytest.mark.e2e
 QUESTION = "What is a slurm node?"
@@ -50,19 +50,10 @@ BAD = [  # valid batch lines that the server refuses: each must get a line with 
 def batch_spec(folder: Path, name: str, requests: list[dict[str, Any]], **changes: Any) -> Path:
     """The batch test config as NAME, its input (REQUESTS) and output in FOLDER (on the shared file
     system), with CHANGES ({"slurm.time": "3"})."""
-    data = yaml.safe_load((CONFIGS / "test-batch-tp2.yaml").read_text())
-    data["name"] = name
-    data["batch"].update(input=str(folder / "input.jsonl"), output=str(folder / "results.jsonl"))
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
     (folder / "input.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return derive(folder, "test-batch-tp2.yaml", name, **{"batch.input": str(folder / "input.jsonl"),
+                                                         "batch.output": str(folder / "results.jsonl"),
+                                                         **changes})
 
 
 def results(folder: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,8 @@ def test_help_and_validate_do_not_import_ray_or_vllm(tmp_path: Path) -> None:
     spec.write_text("name: t\nmodel: {path: /m}\nslurm: {nodes: 2, gpus_per_node: 4}\n")
     probe = (
         "import sys\nfrom slurm_vllm.cli import main\n"
-        "for verb in ['validate', 'render', 'submit', 'list', 'status', 'endpoint', 'logs', 'cancel']:\n"
+        "for verb in ['validate', 'render', 'submit', 'preflight', 'list', 'status', 'endpoint', 'logs',"
+        "             'cancel', 'merge']:\n"
         "    try:\n        main([verb, '--help'])\n    except SystemExit:\n        pass\n"
         f"main(['validate', {str(spec)!r}])\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'torch', 'submitit'))\n"
@@ -52,6 +53,26 @@ def test_bad_parallelism_exit_2(tmp_path: Path) -> None:
                     "parallelism: {tensor: 3}\n")
     out = cli("validate", str(spec))
     assert out.returncode == 2 and "valid choices: TP1xPP8, TP2xPP4, TP4xPP2, TP8xPP1" in out.stderr
+
+
+def test_preflight_ray_refuses_a_spec_without_ray(tmp_path: Path) -> None:
+    spec = tmp_path / "mp.yaml"
+    spec.write_text(f"name: t\nmodel: {{path: /m}}\nslurm: {{nodes: 2, gpus_per_node: 1}}\nbackend: mp\n"
+                    f"jobs_root: {tmp_path / 'jobs'}\n")
+    out = cli("preflight", "--ray", str(spec))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "backend: mp starts no Ray cluster; preflight --ray needs backend: ray" in out.stderr
+    assert not (tmp_path / "jobs").exists()                   # refused before anything was made
+
+
+def test_ray_table_lists_the_nodes_and_the_times() -> None:
+    from slurm_vllm.cli import ray_table
+
+    nodes = [{"ip": "10.77.0.11", "gpus": 1.0}, {"ip": "10.77.0.12", "gpus": 2.0}]
+    text = ray_table({"job_id": "7", "nodes": nodes, "ray_head_s": 1.5, "all_joined_s": 3.25})
+    assert text.splitlines()[0] == ("Ray cluster of 2 nodes: head up 1.5 s, all joined 3.25 s after the job "
+                                    "started")
+    assert text.splitlines()[-1].split() == ["10.77.0.12", "2"]
 
 
 def test_unknown_job_is_an_error_not_a_traceback(tmp_path: Path) -> None:

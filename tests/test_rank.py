@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ def test_environment_of_a_worker_and_of_the_head(runtime: str, tmp_path: Path) -
     assert worker["RAY_AUTH_MODE"] == "token" and worker["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray_token")
     assert worker["NCCL_IB_HCA"] == "mlx5_0" and worker["OMP_NUM_THREADS"] == "4"
     assert worker["HF_TOKEN"] == "hf_x"
+    assert worker["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0"          # teardown does not wait 30 s
+    assert worker["RAY_prestart_worker_first_driver"] == "0"       # no idle workers for the barrier watch
+    own = environment(replace(s, env={**s.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5"}), IDENT,
+                      tmp_path / "ray_token", {})
+    assert own["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "5"              # the spec's env wins
     assert "RAY_ADDRESS" not in worker and "VLLM_API_KEY" not in worker      # the key stays on the head
     head = environment(s, IDENT, tmp_path / "ray_token", {}, head_gcs=20064)
     assert head["RAY_ADDRESS"] == "10.78.0.12:20064" and "VLLM_API_KEY" not in head   # not in Ray's
@@ -162,6 +168,7 @@ def _choose_in_parallel(job_id: int, folder: str, barrier: Any, out: Any) -> Non
     claims = PortClaims(job_id, Path(folder))
     barrier.wait()
     out.put((job_id, choose_ports(make_plan(), job_id, lambda port: True, claim=claims.claim).min_worker))
+    barrier.wait()      # alive until both chose, as a rank is: a dead rank's claim may be taken over
 
 
 def test_two_jobs_starting_together_claim_different_blocks(tmp_path: Path) -> None:

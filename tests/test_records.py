@@ -87,6 +87,19 @@ def test_stage_file_and_job_id(tmp_path: Path) -> None:
     assert [s for s in Stage if s.final] == [Stage.DONE, Stage.FAILED, Stage.CANCELLED, Stage.TIMEOUT]
 
 
+def test_stage_times_are_each_stage_last_write(tmp_path: Path) -> None:
+    """`preflight --ray` reports from them: the last RAY_JOINED line is the one with every node."""
+    jd = JobDir(tmp_path / "job")
+    jd.create("name: x\n", "{}", api_key=False)
+    with open(jd.stage_log, "a") as f:
+        f.write("100.000 STARTING 2 nodes: node1,node2\n101.500 RAY_HEAD 10.77.0.11:20064\n"
+                "102.000 RAY_JOINED 1/2\nnot a stage line\n103.250 RAY_JOINED 2/2\n104.0 WARMING up\n")
+    times = jd.stage_times()
+    assert times[Stage.STARTING] == 100.0 and times[Stage.RAY_HEAD] == 101.5
+    assert times[Stage.RAY_JOINED] == 103.25 and Stage.LOADING not in times
+    assert JobDir(tmp_path / "absent").stage_times() == {}
+
+
 def test_endpoint_reads_its_key(tmp_path: Path) -> None:
     key = tmp_path / "api_key"
     key.write_text("sk-abc\n")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from .support.cli import chat, cli, expected, status, wait_stage
+from .support.specs import CONFIGS
 from .support.testbed import (
     env_delivery_problems,
     leftovers,
@@ -23,7 +24,6 @@ from .support.testbed import (
 )
 
 pytestmark = pytest.mark.e2e
-CONFIGS = Path(__file__).resolve().parent / "configs"              # the test bed's specs
 
 
 def cancel_and_check_clean(job: str, nodes: int = 2, within: float = 30) -> float:
