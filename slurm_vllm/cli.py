@@ -144,7 +144,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     from .api import Job, submit
-    from .preflight import table
+    from .preflight import ray_report, ray_table, table
     from .records import PreflightResult, Stage
 
     job = submit(args.spec, preflight_only=not args.ray, ray_only=args.ray)
@@ -154,34 +154,12 @@ def cmd_preflight(args: argparse.Namespace) -> int:
           file=sys.stderr)
     code = _wait(job, sys.stderr, Stage.DONE)
     if code == 0 and args.ray:
-        print(json.dumps(ray_report(job)) if args.json else ray_table(ray_report(job)))
+        report = ray_report(job.dir, job.job_id)
+        print(json.dumps(report) if args.json else ray_table(report))
     elif code == 0:
         result = PreflightResult.read(job.dir.preflight)
         print(json.dumps(result.to_dict()) if args.json else table(result))
     return code
-
-
-def ray_report(job: Job) -> dict[str, object]:
-    """What `preflight --ray` found: Ray's nodes, and when the head and the last node were up,
-    in seconds after the job started (stage.log)."""
-    from .records import RayNodes, Stage
-
-    nodes = RayNodes.read(job.dir.ray_nodes).nodes
-    times = job.dir.stage_times()
-    start = times.get(Stage.STARTING)
-    after = {stage: round(t - start, 2) if start is not None else None for stage, t in times.items()}
-    return {"job_id": job.job_id, "nodes": [{"ip": n.ip, "gpus": n.gpus} for n in nodes],
-            "ray_head_s": after.get(Stage.RAY_HEAD), "all_joined_s": after.get(Stage.RAY_JOINED)}
-
-
-def ray_table(report: dict[str, object]) -> str:
-    nodes = report["nodes"]
-    assert isinstance(nodes, list)
-    lines = [f"Ray cluster of {len(nodes)} nodes: head up {report['ray_head_s']} s, all joined "
-             f"{report['all_joined_s']} s after the job started",
-             f"{'node ip':>16}  gpus"]
-    lines += [f"{n['ip']:>16}  {n['gpus']:g}" for n in nodes]
-    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@ forms one process group over the nodes (NCCL when the container sees a GPU, else
 a few sizes, checks the sums, and rank 0 writes the timings. The transport NCCL chose is read from
 its `NCCL_DEBUG=INFO` lines; InfiniBand requested (nccl.ib_hca) but sockets used is a failure:
 that is the silent 4-5x slowdown users otherwise find in production.
+
+`preflight --ray` instead brings up the job's Ray cluster alone (ranks.py, plan mode "ray");
+ray_report reads what it found from the job folder.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import replace
 from typing import Any
 
 from .errors import ClusterError
-from .records import PreflightResult
+from .jobdir import JobDir
+from .records import PreflightResult, RayNodes, Stage
 
 SIZES = (1 << 16, 1 << 20, 1 << 24)        # bytes per all-reduce: 64 KiB, 1 MiB, 16 MiB
 
@@ -101,4 +105,26 @@ def table(result: PreflightResult) -> str:
         size = f"{r.bytes // 1024} KiB" if r.bytes < 1 << 20 else f"{r.bytes >> 20} MiB"
         lines.append(f"{size:>10} {r.ms:>10.3f} {r.algbw_GBps:>11.3f} {r.busbw_GBps:>11.3f}"
                      f"  {'yes' if r.correct else 'NO'}")
+    return "\n".join(lines)
+
+
+def ray_report(jd: JobDir, job_id: str | None) -> dict[str, Any]:
+    """What `preflight --ray` found: Ray's nodes, and when the head and the last node were up, in
+    seconds after the job started (stage.log)."""
+    nodes = RayNodes.read(jd.ray_nodes).nodes
+    times = jd.stage_times()
+    start = times.get(Stage.STARTING)
+
+    def after(stage: Stage) -> float | None:
+        return round(times[stage] - start, 2) if start is not None and stage in times else None
+
+    return {"job_id": job_id, "nodes": [{"ip": n.ip, "gpus": n.gpus} for n in nodes],
+            "ray_head_s": after(Stage.RAY_HEAD), "all_joined_s": after(Stage.RAY_JOINED)}
+
+
+def ray_table(report: dict[str, Any]) -> str:
+    nodes = report["nodes"]
+    lines = [f"Ray cluster of {len(nodes)} nodes: head up {report['ray_head_s']} s, all joined "
+             f"{report['all_joined_s']} s after the job started", f"{'node ip':>16}  gpus"]
+    lines += [f"{n['ip']:>16}  {n['gpus']:g}" for n in nodes]
     return "\n".join(lines)

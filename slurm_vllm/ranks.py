@@ -240,7 +240,8 @@ class Rank:
 
 
 class Head(Rank):
-    """Rank 0: Ray head, barrier, vLLM, readiness, endpoint, supervision (or the batch driver)."""
+    """Rank 0: Ray head, barrier, vLLM, readiness, endpoint, supervision (or the batch driver;
+    for `preflight --ray`, the Ray head and the barrier alone)."""
 
     def run(self) -> None:
         try:

@@ -66,7 +66,7 @@ def test_preflight_ray_refuses_a_spec_without_ray(tmp_path: Path) -> None:
 
 
 def test_ray_table_lists_the_nodes_and_the_times() -> None:
-    from slurm_vllm.cli import ray_table
+    from slurm_vllm.preflight import ray_table
 
     nodes = [{"ip": "10.77.0.11", "gpus": 1.0}, {"ip": "10.77.0.12", "gpus": 2.0}]
     text = ray_table({"job_id": "7", "nodes": nodes, "ray_head_s": 1.5, "all_joined_s": 3.25})

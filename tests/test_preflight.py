@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,3 +57,19 @@ def test_wrong_sums_fail_and_gloo_is_reported() -> None:
     checked = verdict(result("gloo"), "", ib_requested=False)
     assert checked.transport.startswith("gloo over TCP")
     assert "busbw GB/s" in table(checked) and "1 MiB" in table(checked)
+
+
+def test_ray_report_reads_the_nodes_and_the_times_after_the_start(tmp_path: Path) -> None:
+    from slurm_vllm.jobdir import JobDir
+    from slurm_vllm.preflight import ray_report
+    from slurm_vllm.records import RayNode, RayNodes
+
+    jd = JobDir(tmp_path / "job")
+    jd.create("name: x\n", "{}", api_key=False)
+    jd.write(jd.ray_nodes, RayNodes((RayNode("10.78.0.11", 1.0), RayNode("10.78.0.12", 1.0))))
+    with open(jd.stage_log, "a") as f:
+        f.write("100.000 STARTING 2 nodes\n102.500 RAY_HEAD 10.78.0.11:20064\n104.000 RAY_JOINED 1/2\n"
+                "110.250 RAY_JOINED 2/2\n111.000 DONE Ray: 2 nodes\n")
+    report = ray_report(jd, "42")
+    nodes = [{"ip": "10.78.0.11", "gpus": 1.0}, {"ip": "10.78.0.12", "gpus": 1.0}]
+    assert report == {"job_id": "42", "nodes": nodes, "ray_head_s": 2.5, "all_joined_s": 10.25}
