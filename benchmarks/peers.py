@@ -27,9 +27,11 @@ Usage (test bed up, `eval "$(scripts/testbed env)"`; vec-inf in its own venv):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -95,6 +97,25 @@ def wait_idle(nodes: int, within: float = 120) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"not idle after {within:.0f} s: queue {queue!r}, on the nodes {left}")
         time.sleep(0.5)
+
+
+def settle(nodes: int, run: Run) -> None:
+    """After a run: idle as wait_idle, else what the launch left running after its job ended (a
+    peer's `vllm serve` that escaped its job, seen with vec-inf) is a failure of that run, and is
+    killed by PID (processes inside the test-bed nodes: only the benchmark's jobs start those)."""
+    try:
+        wait_idle(nodes, within=60)
+        return
+    except RuntimeError as exc:
+        left = re.findall(r"pid (\d+): ([^']*)", str(exc))
+        if not left:
+            raise
+    said = [f"{' '.join(Path(w).name for w in cmd.split()[:3])} (pid {pid}, killed)" for pid, cmd in left]
+    run.error = (run.error + "; " if run.error else "") + "left running after its job: " + ", ".join(said)
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    wait_idle(nodes)
 
 
 def call(method: str, host: str, port: int, path: str, body: dict[str, object] | None = None,
@@ -414,7 +435,7 @@ def main() -> int:
                 launchers[case](run, e, scratch)
             except Exception as exc:  # a failed launch is a result: recorded, and the series goes on
                 run.error = f"{type(exc).__name__}: {exc}"[:300]
-            wait_idle(nodes)
+            settle(nodes, run)
             shown = ", ".join(f"{k} {v:.1f}" for k, v in run.t.items())
             print(f"{'warm-up' if rnd < 0 else f'r{rnd + 1}'} {case}: {shown or run.error} "
                   f"[{run.load}]{' ERROR ' + run.error if run.error and run.t else ''}", flush=True)

@@ -14,12 +14,13 @@ import pytest
 import yaml
 
 from .support.cli import chat, cli, expected, status, wait_stage
-from .support.specs import CONFIGS
+from .support.specs import CONFIGS, derive
 from .support.testbed import (
     env_delivery_problems,
     leftovers,
     node_process_env,
     node_processes,
+    process_env,
     vllm_workers_by_node,
 )
 
@@ -52,8 +53,9 @@ def check_clean(job: str, t0: float, nodes: int = 2, within: float = 30) -> floa
 
 
 def submit_wait(config: str) -> tuple[str, Path]:
-    """`submit --wait` CONFIG to READY; the script Slurm ran (job.sbatch, recorded on the node) is
-    exactly what `render` prints for the same spec: one job, two ways to submit it."""
+    """`submit --wait` CONFIG (in tests/configs, or a path) to READY; the script Slurm ran (job.sbatch,
+    recorded on the node) is exactly what `render` prints for the same spec: one job, two ways to
+    submit it."""
     out = cli("submit", str(CONFIGS / config), "--wait", "--json", timeout=900)
     first = out.stdout.splitlines()[0] if out.stdout else "{}"
     job = json.loads(first)
@@ -228,11 +230,18 @@ def test_tensor_parallel_within_one_node(testbed: dict[str, str], tmp_path: Path
         cancel_and_check_clean(job["job_dir"], nodes=int(os.environ["SLURM_VLLM_TESTBED_NODES"]))
 
 
-def test_mp_backend_serves_across_nodes_without_ray(testbed: dict[str, str]) -> None:
-    """backend mp: vLLM's own multi-node launcher, TP2 over 2 nodes: one vLLM worker process on each
-    node of the allocation, no Ray process anywhere, the greedy answer through the endpoint, the
-    node identity applied on the headless node too, and a cancel leaves nothing."""
-    job, job_dir = submit_wait("test-none-tp2-mp.yaml")
+@pytest.mark.parametrize("runtime", ["none", "podman"])
+def test_mp_backend_serves_across_nodes_without_ray(runtime: str, testbed: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """backend mp: vLLM's own multi-node launcher, TP2 over 2 nodes, without a container and in
+    Podman: one vLLM worker process on each node of the allocation, no Ray process anywhere, the
+    greedy answer through the endpoint, the node identity applied on the headless node too, and a
+    cancel leaves nothing (no container either)."""
+    if runtime == "none":
+        job, job_dir = submit_wait("test-none-tp2-mp.yaml")
+    else:
+        job, job_dir = submit_wait(str(derive(tmp_path, "test-podman-tp2.yaml", "test-podman-tp2-mp",
+                                              backend="mp")))
     try:
         assert_vllm_workers_on(job)
         nodes = int(os.environ["SLURM_VLLM_TESTBED_NODES"])
@@ -240,8 +249,10 @@ def test_mp_backend_serves_across_nodes_without_ray(testbed: dict[str, str]) -> 
                if comm in ("raylet", "gcs_server") or cmd.startswith("ray::")]
         assert ray == [], ray
         worker = allocation(job)[1]
-        env = node_process_env(int(worker.removeprefix("node")), "--headless")
-        assert env["VLLM_HOST_IP"] == socket.gethostbyname(worker), env.get("VLLM_HOST_IP")
+        # the headless vLLM (in Podman: the process inside the container, not the podman client)
+        seen = {process_env(pid).get("VLLM_HOST_IP") for pid, _, cmd in
+                node_processes(int(worker.removeprefix("node"))) if "--headless" in cmd} - {None}
+        assert seen == {socket.gethostbyname(worker)}, seen
         stages = (job_dir / "stage.log").read_text()
         assert "RAY_HEAD" not in stages and "(backend mp, master " in stages, stages
         endpoint = json.loads(cli("endpoint", job, "--json").stdout)

@@ -55,8 +55,16 @@ def node_process(node: int, needle: str) -> int:
 
 def node_process_env(node: int, needle: str) -> dict[str, str]:
     """The environment of the first process on NODE whose command line contains NEEDLE."""
-    raw = Path(f"/proc/{node_process(node, needle)}/environ").read_bytes().split(b"\0")
-    return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+    return process_env(node_process(node, needle))
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """The environment of process PID ({} if it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
 
 
 def leftovers(nodes: int) -> list[str]:
