@@ -3,6 +3,7 @@ the job ends by itself; cancel and resume; the time limit continued in a requeue
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import time
@@ -54,6 +55,18 @@ def batch_spec(folder: Path, name: str, requests: list[dict[str, Any]], **change
     return derive(folder, "test-batch-tp2.yaml", name, **{"batch.input": str(folder / "input.jsonl"),
                                                          "batch.output": str(folder / "results.jsonl"),
                                                          **changes})
+
+
+def requeue_time(job_id: str, deadline: float) -> float:
+    """When run 1 ended by its requeue (sacct's End of the REQUEUED run; accounting is asynchronous)."""
+    while True:
+        rows = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State,End"],
+                              capture_output=True, text=True).stdout.split()
+        ends = [row.split("|")[1] for row in rows if row.startswith("REQUEUED|")]
+        if ends and ends[0] not in ("Unknown", "None"):
+            return datetime.datetime.fromisoformat(ends[0]).timestamp()
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
 
 
 def results(folder: Path) -> list[dict[str, Any]]:
@@ -159,6 +172,12 @@ def test_a_batch_past_the_time_limit_goes_on_in_a_requeued_run(testbed: dict[str
                          text=True).stdout.strip() != "PENDING":
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    # slurmd revokes run 1's credential when the job is requeued, to the second: a start within that
+    # same second is refused ("Job credential revoked", the job FAILED). Slurm's own 2-minute hold
+    # avoids it; the shortcut waits until the clock is past that second.
+    requeued = requeue_time(job_id, deadline)
+    while time.time() < requeued + 1.5:
+        time.sleep(0.1)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=15"], check=True)
     st, _ = wait_final(job_id, 900)
     assert st["stage"] == "DONE", st
