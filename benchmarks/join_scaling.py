@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import cancel, env, load_now, stamps, wait_idle  # noqa: E402
+from slurm_vllm.jobdir import JobDir  # noqa: E402
+from slurm_vllm.records import Stage  # noqa: E402
 from tests.support.testbed import machine_line  # noqa: E402
 
 PHASES = ("running", "ray_head", "joined")
@@ -113,13 +115,10 @@ def launch_slurm_vllm(run: Run, e: dict[str, str], scratch: Path) -> None:
     if len(report["nodes"]) != run.nodes:
         raise RuntimeError(f"{len(report['nodes'])} Ray nodes, not {run.nodes}")
     folder = Path(next(line.rsplit("folder ", 1)[1] for line in out.stderr.splitlines() if "folder " in line))
-    times = {}
-    for line in (folder / "stage.log").read_text().splitlines():
-        when, stage = line.split()[:2]
-        times[stage] = float(when)                  # the last of each: RAY_JOINED N/N
-    run.t = {"running": times["STARTING"] - t0, "ray_head": times["RAY_HEAD"] - t0,
-             "joined": times["RAY_JOINED"] - t0}
-    run.cpu = cpu.until(times["RAY_JOINED"])
+    times = JobDir(folder).stage_times()           # the last of each: RAY_JOINED N/N
+    run.t = {"running": times[Stage.STARTING] - t0, "ray_head": times[Stage.RAY_HEAD] - t0,
+             "joined": times[Stage.RAY_JOINED] - t0}
+    run.cpu = cpu.until(times[Stage.RAY_JOINED])
 
 
 RAY_SCRIPT = """#!/bin/bash
