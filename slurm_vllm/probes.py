@@ -69,13 +69,14 @@ class Http:
         self.url = url
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
-    def __call__(self, path: str, body: dict[str, object] | None = None) -> tuple[int, str]:
-        """(status, text); status 0 when nothing answers."""
+    def __call__(self, path: str, body: dict[str, object] | None = None,
+                 timeout: float = 30) -> tuple[int, str]:
+        """(status, text); status 0 when nothing answers within TIMEOUT seconds."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, headers={
             **self.headers, **({"Content-Type": "application/json"} if data else {})})
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return int(resp.status), resp.read().decode()
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode(errors="replace")
@@ -85,11 +86,20 @@ class Http:
     def healthy(self) -> bool:
         return self("/health")[0] == 200
 
-    def check_serving(self, model: str) -> None:
-        """After /health: /v1/models lists MODEL and a 1-token completion comes back, or ServeError."""
+    def check_models(self, model: str) -> None:
+        """After /health: /v1/models lists MODEL, or ServeError."""
         status, text = self("/v1/models")
         if status != 200 or model not in text:
             raise ServeError(f"/v1/models answered {status}: {text[:200]}")
-        status, text = self("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 1})
-        if status != 200:
-            raise ServeError(f"a 1-token completion answered {status}: {text[:300]}")
+
+    def complete_one(self, model: str, timeout: float) -> str | None:
+        """Ask for a 1-token completion: None when it came back, else what went wrong. The first
+        request may be slow (kernels compiled or tuned on first use: over 30 s seen on a cold
+        AVX-512 CPU), so TIMEOUT is the time left for readiness, not a fixed few seconds."""
+        status, text = self("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 1},
+                            timeout=timeout)
+        if status == 200:
+            return None
+        if status == 0:
+            return f"a 1-token completion got no answer (connection failed or {timeout:.0f} s passed)"
+        return f"a 1-token completion answered {status}: {text[:300]}"

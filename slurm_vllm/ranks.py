@@ -31,7 +31,7 @@ from . import spec as spec_mod
 from .batchdriver import BatchError, Driver
 from .batchio import merge, part_path
 from .container import Runtime, env_file_text
-from .errors import ClusterError
+from .errors import ClusterError, ServeError
 from .jobdir import JobDir, atomic_write, read_secret, write_secret
 from .jobenv import JobEnv
 from .netid import Identity, identity, interface_network
@@ -451,7 +451,21 @@ class Head(Rank):
             return http.healthy()
 
         self.wait_for("vLLM's /health", healthy, self.plan.ready_timeout)
-        http.check_serving(self.plan.served_name)
+        http.check_models(self.plan.served_name)
+        # The completion blocks for as long as vLLM takes: it runs in a thread so that the usual poll
+        # still fails the job at once on a dead child, a failed worker, a stop or the deadline.
+        answer: list[str | None] = []
+        left = max(1.0, self.started + self.plan.ready_timeout - time.monotonic())
+        threading.Thread(target=lambda: answer.append(http.complete_one(self.plan.served_name, left)),
+                         name="first-completion", daemon=True).start()
+
+        def answered() -> bool:
+            self.check_workers()
+            return bool(answer)
+
+        self.wait_for("a 1-token completion", answered, self.plan.ready_timeout)
+        if answer[0] is not None:
+            raise ServeError(answer[0])
         self.serving = True
 
 
