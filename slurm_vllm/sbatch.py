@@ -20,7 +20,11 @@ def submit(spec: JobSpec, plan: Plan) -> tuple[str, Path]:
     job.sbatch: the same text for `submit` and `render`. submitit calls sbatch and reads the job id;
     its own files go to <jobs_root>/.submitit.
     """
-    import submitit  # only when submitting: keeps `--help`, validate and render light
+    try:
+        import submitit  # only when submitting: keeps `--help`, validate and render light
+    except ImportError as exc:
+        raise SubmitError(f"submitit is not installed for {sys.executable}: pip install "
+                          f"slurm_vllm (or submitit) into this Python") from exc
 
     text = sbatch_text(spec, plan, spec.slurm.python or sys.executable)
     root = spec.jobs_root_path

