@@ -64,8 +64,11 @@ class Runtime:
     def remove(self, suffixes: tuple[str, ...] = ("",)) -> list[str] | None:
         """The argv that removes the rank's containers (and everything in them), if there are any."""
         names = [self.name + s for s in suffixes]
+        # By now the rank's programs had their SIGTERM and grace (teardown): what is left is killed
+        # at once, as `docker rm --force` does. Podman's default, and a --time above 0, first waits
+        # for a container's main program; a headless vLLM (backend mp) outlived 5 s of it.
         if self.spec.runtime == "podman":
-            return ["podman", "rm", "--force", "--ignore", "--time", "5", *names]
+            return ["podman", "rm", "--force", "--ignore", "--time", "0", *names]
         if self.spec.runtime == "docker":
             return ["docker", "rm", "--force", *names]
         return None
