@@ -60,17 +60,21 @@ def test_wait_reports_progress_and_returns_at_the_stage(tmp_path: Path) -> None:
     job = make_job(tmp_path)
     seen: list[str] = []
 
-    def ranks() -> None:
+    def ranks() -> None:       # the next stage once the waiter reported the last (no race with its polls)
+        last = Stage.PENDING
         for stage in (Stage.STARTING, Stage.RAY_HEAD, Stage.LOADING, Stage.READY):
+            deadline = time.monotonic() + 10
+            while last.value not in seen and time.monotonic() < deadline:
+                time.sleep(0.01)
             job.dir.write_stage(stage, stage.value.lower())
-            time.sleep(0.3)
+            last = stage
 
     t = threading.Thread(target=ranks)
     t.start()
     status = job.wait(Stage.READY, timeout=20, progress=lambda s: seen.append(s.stage.value), poll=0.1)
     t.join()
     assert status.stage == Stage.READY
-    assert seen[0] == "PENDING" and seen[-1] == "READY" and "LOADING" in seen
+    assert seen == ["PENDING", "STARTING", "RAY_HEAD", "LOADING", "READY"]
 
 
 def test_wait_raises_when_the_job_ends_first_or_time_runs_out(tmp_path: Path) -> None:
@@ -83,7 +87,7 @@ def test_wait_raises_when_the_job_ends_first_or_time_runs_out(tmp_path: Path) ->
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout, match="still PENDING after 1 s"):
         other.wait(Stage.READY, timeout=1, poll=0.2)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10                  # gives up near its timeout (no host-speed claim)
 
 
 def test_endpoint_only_while_ready(tmp_path: Path) -> None:

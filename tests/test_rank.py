@@ -234,7 +234,7 @@ def test_teardown_kills_the_orphans_of_a_child_that_died(tmp_path: Path) -> None
     assert proc.group_alive(child.popen.pid)                    # the orphan lives on in the group
     t0 = time.monotonic()
     proc.terminate_all([child], timeout=10)
-    assert time.monotonic() - t0 < 2                            # SIGTERM was enough: no grace period spent
+    assert time.monotonic() - t0 < 5                            # SIGTERM was enough: no 10 s grace spent
 
     def gone() -> bool:
         try:
@@ -243,5 +243,5 @@ def test_teardown_kills_the_orphans_of_a_child_that_died(tmp_path: Path) -> None
             return True
 
     while not gone():
-        assert time.monotonic() - t0 < 5, f"orphan {orphan} still running"
+        assert time.monotonic() - t0 < 9, f"orphan {orphan} still running"
         time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Small helpers over the real Slurm commands for tests: submit and wait, read sacct."""
+"""Small helpers over the real Slurm commands for tests: submit and wait, read sacct, cut a time limit."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
+WARN_SIGNAL = 90        # a job's --signal=USR2@90 (slurm_vllm's render)
+SLURM_PERIOD = 30       # slurmctld checks time limits (and sends the warning signal) every 30 s
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
 
 
@@ -39,3 +41,24 @@ def sacct_state(job: str, timeout: float = 30) -> str:
             return state
         time.sleep(0.2)
     return state
+
+
+def run_seconds(job_id: str) -> int:
+    """How long the job has run (scontrol's RunTime, [D-]HH:MM:SS)."""
+    info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                          check=True).stdout
+    runtime = next(word.split("=", 1)[1] for word in info.split() if word.startswith("RunTime="))
+    days, _, clock = runtime.rpartition("-")
+    h, m, sec = (int(part) for part in clock.split(":"))
+    return (int(days) if days else 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def end_soon(job_id: str) -> int:
+    """As the cluster's admin: cut the job's time limit so that it ends 60-120 s from now (TimeLimit is
+    whole minutes from the start). slurmctld sends the warning signal at its first periodic check at
+    which the end is within WARN_SIGNAL + SLURM_PERIOD s (measured on the test bed: the signal came
+    26 s after such an update, 92 s before the end), so SIGUSR2 comes within SLURM_PERIOD s and the
+    run still has over 30 s to stop cleanly and requeue itself. The new limit in minutes."""
+    minutes = (run_seconds(job_id) + WARN_SIGNAL + SLURM_PERIOD) // 60
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
+    return minutes
