@@ -1,6 +1,7 @@
 """Benchmark: what a user waits for on the login node: whole CLI processes (`--help`, `validate`,
-`render`, and with the test bed up `status` and `list`), and the pure work (plan, render, hostlist)
-for a 1,024-node job in process. Targets: each command under 0.3 s, the 1,024-node work under 0.1 s.
+`render`, a refused `validate` of a 2 MiB spec, and with the test bed up `status` and `list`), and the
+pure work (plan, render, hostlist) for a 1,024-node job in process. Targets: each command under 0.3 s,
+the 1,024-node work under 0.1 s.
 
 Usage (`eval "$(scripts/testbed env)"` for status/list; without it they are left out):
     python benchmarks/login_node.py [--runs 5]
@@ -44,9 +45,11 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="login-bench-"))
     spec = folder / "big.yaml"
     spec.write_text(SPEC % (folder / "jobs"))
+    huge = folder / "huge.yaml"           # refused by its size, before it is parsed
+    huge.write_bytes(b"name: t\n" + b"#" * (2 << 20))
     cli = [sys.executable, "-m", "slurm_vllm"]
     cases = {"--help": [*cli, "--help"], "validate": [*cli, "validate", str(spec)],
-             "render": [*cli, "render", str(spec)]}
+             "render": [*cli, "render", str(spec)], "refused": [*cli, "validate", str(huge)]}
     if os.environ.get("SLURM_VLLM_TEST_JOBS_ROOT"):
         cases |= {"status": [*cli, "status", "1", "--json"], "list": [*cli, "list", "--all"]}
     for name, argv in cases.items():

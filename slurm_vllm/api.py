@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import index
+from . import index, safefile
 from .errors import JobEnded, JobFolderError, SlurmVllmError, SpecError, WaitTimeout
 from .index import IndexEntry
 from .jobdir import JobDir, find, is_job_id
@@ -51,8 +51,8 @@ class Status:
     since: float = 0.0            # when the ranks wrote the stage (time.time()); 0: not yet
     batch: BatchProgress | None = None    # a batch job's counts (batch.json), once it sends
 
-    def __str__(self) -> str:
-        return f"{self.stage.value}{': ' + self.detail if self.detail else ''}"
+    def __str__(self) -> str:          # printable: the detail may quote a log line
+        return safefile.printable(f"{self.stage.value}{': ' + self.detail if self.detail else ''}")
 
     def to_dict(self) -> dict[str, object]:
         return {"job_id": self.job_id, "job_dir": str(self.job_dir), "stage": self.stage.value,
@@ -144,12 +144,14 @@ class Job:
 
         out = self.dir.path.parent / f"{self.dir.path.name}.out"
         said = f"the job ended before slurm_vllm started on the nodes (Slurm: {ended_detail(job_id)})"
-        try:
-            lines = [line for line in out.read_text(errors="replace").splitlines() if line.strip()]
-        except OSError:
+        try:     # beside the folder, in jobs_root: checked like the folder's own files
+            lines = [line for line in safefile.tail(out, 50) if line.strip()]
+        except FileNotFoundError:
             return (f"{said}; its output {out} is not on this machine: is jobs_root ({self.dir.path.parent}) "
                     f"on a file system the nodes share?")
-        last = lines[-1].strip()[:200] if lines else "(empty)"
+        except JobFolderError as exc:
+            return f"{said}; its output not read: {exc}"
+        last = safefile.printable(lines[-1].strip()[:200]) if lines else "(empty)"
         return f"{said}; the end of {out}: {last}"
 
     def wait(self, stage: Stage = Stage.READY, timeout: float | None = None,
@@ -186,7 +188,13 @@ class Job:
     def logs(self, rank: int | None = None, lines: int = 40) -> Iterator[tuple[Path, str]]:
         """(file, its last LINES lines) for each log file (of RANK if given)."""
         for f in self.log_files(rank):
-            yield f, "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+            try:
+                text = "\n".join(safefile.tail(f, lines))
+            except FileNotFoundError:
+                continue
+            except JobFolderError as exc:
+                text = f"(not read: {exc})"
+            yield f, safefile.printable(text)
 
     def cancel(self) -> None:
         """scancel the job: every rank stops vLLM, Ray and its containers, and the stage says so."""
@@ -325,8 +333,12 @@ def check_batch_input(spec: JobSpec, plan: Plan) -> InputSummary | None:
     if spec.mode != "batch":
         return None
     from .batchio import validate
+    from .batchout import check_output
 
-    return validate(Path(spec.batch.input or "").expanduser(), plan.served_name)
+    input_path = Path(spec.batch.input or "").expanduser()
+    summary = validate(input_path, plan.served_name)
+    check_output(spec.batch_output, input_path, spec.batch_parts)
+    return summary
 
 
 def submit(spec: JobSpec | str | Path, preflight_only: bool = False,

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .batchio import check_request, done_ids, lines, repair, request_id, shard_of
+from .batchio import check_request, done_ids, lines, repair_fd, request_id, shard_of
+from .batchout import open_output
 from .errors import SlurmVllmError
 from .records import BatchProgress
 
@@ -68,13 +69,13 @@ class Driver:
     def run(self, drain: Callable[[], float] = lambda: 60.0) -> BatchProgress:
         """Send every request not yet in the output; return the final counts (finished: all done).
         After a stop, wait at most DRAIN() seconds (asked then) for the requests in flight."""
-        fd = os.open(self.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_output(self.output, self.input)     # this user's own file, never a link or the input
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise BatchError(f"batch.output: {self.output} is being written by another job") from None
-        repair(self.output)                  # ours now: a half line can only be from a crash
+        repair_fd(fd)                        # ours now: a half line can only be from a crash
         self.out = os.fdopen(fd, "ab")
         try:
             with done_ids(self.output, *self.also_done) as done:

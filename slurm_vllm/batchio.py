@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from . import safefile
+from .errors import JobFolderError, SpecError
+from .jobdir import verify
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_SHOWN = 10                         # errors listed one a line; beyond that, only their count
@@ -70,9 +72,14 @@ class IdSet:
 
 
 def lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number from 1, raw line without its newline) for each line of PATH, streamed."""
+    """(line number from 1, raw line without its newline) for each line of PATH, streamed; a line
+    over MAX_LINE bytes is refused before it is read whole (BatchInputError names it)."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        number = 0
+        while raw := f.readline(MAX_LINE + 1):
+            number += 1
+            if len(raw) > MAX_LINE:
+                raise BatchInputError(f"{path} line {number}: longer than {MAX_LINE} bytes: refused")
             yield number, raw.rstrip(b"\r\n")
 
 
@@ -153,33 +160,47 @@ def validate(path: Path, served_name: str) -> InputSummary:
 
 def repair(path: Path) -> int:
     """Cut a half-written last line (a crash mid-write: no newline at the end) from the output at
-    PATH, so that its request runs again instead of leaving a broken line; the bytes cut."""
+    PATH (never through a link), so that its request runs again instead of leaving a broken line;
+    the bytes cut."""
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return 0
-    if size == 0:
+    try:
+        return repair_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def repair_fd(fd: int) -> int:
+    """repair() on an output already open (read and write) as FD."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return 0
-    with open(path, "rb+") as f:
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        scan = size                      # back to the last newline, a chunk at a time
-        while scan > 0:
-            start = max(0, scan - 4096)
-            f.seek(start)
-            nl = f.read(scan - start).rfind(b"\n")
-            if nl >= 0:
-                scan = start + nl + 1
-                break
-            scan = start
-        f.truncate(scan)
-        return size - scan
+    scan = size                          # back to the last newline, a chunk at a time
+    while scan > 0:
+        start = max(0, scan - 4096)
+        nl = os.pread(fd, scan - start, start).rfind(b"\n")
+        if nl >= 0:
+            scan = start + nl + 1
+            break
+        scan = start
+    os.ftruncate(fd, scan)
+    return size - scan
+
+
+def verify_parts(parts: Path) -> None:
+    """The parts folder is this user's and no one else can write it (else its parts are not merged)."""
+    try:
+        verify(parts, "parts folder")
+    except JobFolderError as exc:
+        raise BatchInputError(f"batch.output: {exc}") from None
 
 
 def complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Like lines(), without a last line that has no newline yet (another job is writing it)."""
-    with open(path, "rb") as f:
+    """Like lines(), without a last line that has no newline yet (another job is writing it); PATH
+    (a part) only as a regular file of this user's, not a link."""
+    with os.fdopen(safefile.open_checked(path), "rb") as f:
         for number, raw in enumerate(f, 1):
             if raw.endswith(b"\n"):
                 yield number, raw.rstrip(b"\r\n")
@@ -258,12 +279,14 @@ def merge(output: Path, parts: Path, input_path: Path, lock_timeout: float = 120
     (idempotent: run it any number of times, while shards still write, and after); when then every
     request of the input at INPUT_PATH has a line, remove the parts. Under an exclusive lock on
     OUTPUT; a half-written last line of a part (its shard is writing) waits for the next merge."""
+    from .batchout import open_output  # (it builds on this module)
+
     try:
         if not input_path.is_file():
             raise BatchInputError(f"batch.input: {input_path}: not a file (the merge counts its requests)")
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
-        raise BatchInputError(f"batch.output: {output}: {exc.strerror}") from None
+        raise BatchInputError(f"batch.input: {input_path}: {exc.strerror}") from None
+    fd = open_output(output, input_path)
     with os.fdopen(fd, "ab") as out:
         deadline = time.monotonic() + lock_timeout
         while True:
@@ -275,8 +298,10 @@ def merge(output: Path, parts: Path, input_path: Path, lock_timeout: float = 120
                     raise BatchInputError(f"batch.output: {output} is locked by another job (a batch "
                                           f"writing it?); merge later") from None
                 time.sleep(0.1)
-        repair(output)                  # a merge that crashed mid-write
+        repair_fd(fd)                   # a merge that crashed mid-write
         files = sorted(parts.glob("part-*-of-*.jsonl")) if parts.is_dir() else []
+        if files:
+            verify_parts(parts)
         added = 0
         with done_ids(output) as have:
             for part in files:

@@ -47,14 +47,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from .api import load
+    from .jobdir import prepare_jobs_root
     from .render import sbatch_text
 
     spec, plan = load(args.spec)
     text = sbatch_text(spec, plan, spec.slurm.python or sys.executable, template=args.template)
-    try:        # Slurm opens the batch log in jobs_root before the script runs: it must exist
-        spec.jobs_root_path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise SlurmVllmError(f"jobs_root: cannot create {spec.jobs_root_path}: {exc.strerror}") from None
+    prepare_jobs_root(spec.jobs_root_path)   # Slurm opens the batch log in jobs_root: it must exist
     if args.output:
         try:
             Path(args.output).write_text(text)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import JobFolderError, SlurmVllmError
+from . import safefile
+from .errors import JobFolderError, SlurmVllmError, SpecError
 from .records import Record, Stage, StageInfo
 
 R = TypeVar("R", bound=Record)
@@ -31,6 +32,13 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def verify(path: Path, kind: str = "job folder") -> None:
     """PATH (not followed if a link) is this user's, and neither group nor others can write it:
     else JobFolderError. In a shared jobs_root, anything else may have been planted."""
@@ -39,11 +47,7 @@ def verify(path: Path, kind: str = "job folder") -> None:
     except FileNotFoundError:
         raise JobFolderError(f"{path}: no such {kind}") from None
     if st.st_uid != os.geteuid():
-        try:
-            owner = pwd.getpwuid(st.st_uid).pw_name
-        except KeyError:
-            owner = f"uid {st.st_uid}"
-        raise JobFolderError(f"{path}: this {kind} belongs to {owner}, not to you: refused")
+        raise JobFolderError(f"{path}: this {kind} belongs to {owner_name(st.st_uid)}, not to you: refused")
     if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
         raise JobFolderError(f"{path}: this {kind} is writable by group or others (mode "
                              f"{stat.S_IMODE(st.st_mode):o}): refused (chmod go-w it if it is yours)")
@@ -58,6 +62,24 @@ def make_private_dir(path: Path) -> None:
         if path.is_symlink() or not path.is_dir():
             raise JobFolderError(f"{path}: not a folder (a link or a file is refused)") from None
         verify(path, "folder")
+
+
+def prepare_jobs_root(root: Path) -> None:
+    """Make ROOT (0700) if missing; refuse one that others could rearrange. A shared jobs_root
+    (/scratch/jobs) is fine when it has the sticky bit, as /tmp does: there only an entry's owner may
+    rename or remove it, so a private folder made in it stays the one made. Without it, anyone who can
+    write ROOT can move your folders away and put their own in place between a check and a use."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.stat(root)
+    except OSError as exc:
+        raise SpecError(f"jobs_root: cannot create {root}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SpecError(f"jobs_root: {root} is not a folder")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise SpecError(f"jobs_root: {root} is writable by group or others without the sticky bit "
+                             f"(mode {stat.S_IMODE(st.st_mode):o}): others could replace your files there; "
+                             f"use a folder of your own in it, or ask for chmod +t")
 
 
 @dataclass(frozen=True)
@@ -202,7 +224,7 @@ class JobDir:
         """When each stage was last written (stage.log; after a requeue: the last run's)."""
         times: dict[Stage, float] = {}
         try:
-            lines = self.stage_log.read_text(errors="replace").splitlines()
+            lines = safefile.tail(self.stage_log, 10_000)
         except FileNotFoundError:
             return times
         for line in lines:
@@ -224,9 +246,10 @@ class JobDir:
 
     def job_id(self) -> str | None:
         try:
-            return self.job_id_file.read_text().strip() or None
-        except OSError:
+            found = safefile.read_text(self.job_id_file, 64).strip()
+        except (OSError, JobFolderError):
             return None
+        return found if is_job_id(found) else None
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -235,7 +258,8 @@ def write_secret(path: Path, value: str) -> None:
 
 
 def read_secret(path: Path) -> str:
-    return path.read_text().strip()
+    """A secret file's value: a regular 0600 file of this user's, not a link."""
+    return safefile.read_text(path, 1 << 16, secret=True).strip()
 
 
 def is_job_id(ref: str) -> bool:

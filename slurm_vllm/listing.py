@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import index
+from . import index, safefile
 from .api import Job, jobs, reconcile
 from .errors import SlurmVllmError
 from .records import Endpoint, Stage
@@ -87,7 +87,8 @@ def table(found: list[Row]) -> str:
     lines = [head] + [(r.job_id, r.name, r.stage, str(r.nodes), r.tp_pp, age(r.age_s), r.time_left or "-",
                        r.url or r.progress or "-") for r in found]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)
+    return safefile.printable(text)
 
 

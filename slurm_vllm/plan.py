@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from . import safefile
 from .errors import PlanError
 from .records import Record
 from .spec import JobSpec, Scalar
@@ -135,6 +136,9 @@ def _check_model(config: dict[str, Any], tp: int, pp: int, total: int) -> None:
                         f"valid choices for this model: {valid_text}")
 
 
+MAX_MODEL_CONFIG = 4 << 20       # config.json of the largest models is some 10 KB
+
+
 def read_model_config(model_path: str) -> dict[str, Any] | None:
     """The model's config.json when the login node sees one (None: not here, e.g. only inside the
     container or on the nodes, and the check is left to vLLM); PlanError when it is there but broken."""
@@ -142,12 +146,16 @@ def read_model_config(model_path: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_bytes())
+        raw = safefile.read_input(path, MAX_MODEL_CONFIG)
     except IsADirectoryError:
         raise PlanError(f"model.path: {path} is a folder, not the model's config file") from None
     except OSError as exc:
         raise PlanError(f"model.path: cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:
+        raise PlanError(f"model.path: {path}: {exc}") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise PlanError(f"model.path: {path}: not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(data, dict):
         raise PlanError(f"model.path: {path}: a JSON {type(data).__name__}, not the model's config object")

@@ -30,6 +30,7 @@ from . import proc
 from . import spec as spec_mod
 from .batchdriver import BatchError, Driver
 from .batchio import merge, part_path
+from .batchout import private_parts
 from .container import Runtime, env_file_text
 from .errors import ClusterError, ServeError
 from .jobdir import JobDir, atomic_write, read_secret, write_secret
@@ -354,7 +355,7 @@ class Head(Rank):
         also_done: tuple[Path, ...] = ()
         if shard is not None:
             parts = self.spec.batch_parts
-            parts.mkdir(mode=0o700, exist_ok=True)
+            private_parts(parts)
             writes = part_path(parts, *shard)
             also_done = (out, *(p for p in sorted(parts.glob("part-*.jsonl")) if p != writes))
         what = f"shard {shard[0]} of {shard[1]} of " if shard else ""

@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from . import safefile
 from .errors import JobFolderError
 
 SCHEMA = 1
@@ -134,10 +135,11 @@ class Record:
 
     @classmethod
     def read(cls: type[R], path: Path) -> R:
+        """PATH as this record: a regular file of this user's, not a link, at most MAX_RECORD bytes."""
         try:
-            text = path.read_text()
-        except OSError as exc:
-            raise JobFolderError(f"{path}: cannot read: {exc.strerror}") from None
+            text = safefile.read_text(path)
+        except FileNotFoundError:
+            raise JobFolderError(f"{path}: cannot read: No such file or directory") from None
         return cls.from_json(text, path)
 
 
@@ -208,10 +210,10 @@ class Endpoint(Record):
         """The API key, read from its 0600 file (None when the server takes no key)."""
         if self.api_key_file is None:
             return None
-        try:
-            return Path(self.api_key_file).read_text().strip()
-        except OSError as exc:
-            raise JobFolderError(f"{self.api_key_file}: cannot read the API key: {exc.strerror}") from None
+        try:     # never through a link: a planted one would send another file as the Bearer token
+            return safefile.read_text(Path(self.api_key_file), 4096, secret=True).strip()
+        except FileNotFoundError:
+            raise JobFolderError(f"{self.api_key_file}: cannot read the API key: no such file") from None
 
 
 @dataclass(frozen=True)

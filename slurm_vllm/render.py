@@ -8,13 +8,16 @@ once, here, and embedded: the node reads it and never plans again.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import jinja2.exceptions
+import jinja2.sandbox
 
-from . import __version__
+from . import __version__, safefile
 from .errors import SpecError
 from .plan import Plan
 from .spec import JobSpec, dump
@@ -22,6 +25,7 @@ from .spec import JobSpec, dump
 SPEC_END = "SLURM_VLLM_SPEC"
 PLAN_SEPARATOR = "--- # the plan, decided when the script was made (the node does not plan again)"
 TEMPLATE = "job.sbatch.j2"
+MAX_TEMPLATE_BYTES = 1 << 20
 
 
 def template_dir() -> Path:
@@ -61,8 +65,27 @@ def job_id_shell(spec: JobSpec) -> str:
     return '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' if sharded(spec) else '"$SLURM_JOB_ID"'
 
 
+# What sbatch reads bare on an #SBATCH line (shlex's safe set: no quote, backslash, '#' or space).
+_SBATCH_BARE = re.compile(r"[\w@%+=:,./-]+", re.ASCII)
+
+
+def sbatch_quote(value: str) -> str:
+    """VALUE as one word of an #SBATCH line, read back by sbatch exactly as VALUE.
+
+    sbatch splits #SBATCH lines its own way, not as a shell does (src/sbatch/opt.c, _get_argument):
+    a backslash escapes the next character anywhere, even inside quotes; ' and " open a quoted
+    part; an unquoted # ends the line. So a value is bare when it is plain, else in double quotes
+    with every backslash and double quote escaped. A line end cannot be carried: SpecError (the
+    spec refuses control characters before this)."""
+    if _SBATCH_BARE.fullmatch(value):
+        return value
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise SpecError(f"#SBATCH value {value!r}: a control character cannot be carried on an #SBATCH line")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def directives(spec: JobSpec) -> list[str]:
-    """Every #SBATCH flag of the job, in a stable order, values shell-quoted."""
+    """Every #SBATCH flag of the job, in a stable order, each value quoted as sbatch reads it."""
     s = spec.slurm
     pairs: list[tuple[str, str | None]] = [("job-name", spec.name), ("nodes", str(s.nodes)),
                                            ("ntasks-per-node", "1")]
@@ -80,7 +103,7 @@ def directives(spec: JobSpec) -> list[str]:
     if spec.mode == "batch" and spec.batch.max_jobs > 1:   # the time limit: requeued, same id and folder
         pairs += [("requeue", None), ("open-mode", "append")]
     pairs += extra_directives(spec)
-    return [f"--{k}" if v is None else f"--{k}={shlex.quote(v)}" for k, v in pairs]
+    return [f"--{k}" if v is None else f"--{k}={sbatch_quote(v)}" for k, v in pairs]
 
 
 @dataclass(frozen=True)
@@ -131,9 +154,12 @@ def _comment(value: object) -> str:
 
 
 def environment() -> jinja2.Environment:
-    """jinja2 over the shipped templates: StrictUndefined, the `q` (shell-quote) and `comment` filters."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir())),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    """jinja2's sandbox over the shipped templates: StrictUndefined, the `q` (shell-quote) and `comment`
+    filters. Sandboxed: a user's template (slurm.template) is rendered on the login node at
+    validate/render/submit, and must not reach Python (`cycler.__init__.__globals__.os`)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        loader=jinja2.FileSystemLoader(str(template_dir())), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, autoescape=False)
     env.filters["q"] = lambda value: shlex.quote(str(value))
     env.filters["comment"] = _comment
     return env
@@ -150,9 +176,12 @@ def sbatch_text(spec: JobSpec, plan: Plan, python: str, template: str | Path | N
             tmpl = env.get_template(TEMPLATE)
         else:                    # the user's file, by its path; it extends the shipped one by name
             try:
-                tmpl = env.from_string(chosen.read_text())
+                source = safefile.read_input(chosen, MAX_TEMPLATE_BYTES).decode("utf-8", errors="replace")
             except OSError as exc:
                 raise SpecError(f"slurm.template: {chosen}: cannot read: {exc.strerror}") from None
+            except ValueError as exc:
+                raise SpecError(f"slurm.template: {chosen}: {exc}") from None
+            tmpl = env.from_string(source)
         return tmpl.render(
             directives=parts.directives, setup=parts.setup, init_command=parts.init_command,
             embedded=parts.embedded, node_command=parts.node_command, after_command=parts.after_command,
@@ -165,5 +194,9 @@ def sbatch_text(spec: JobSpec, plan: Plan, python: str, template: str | Path | N
         raise SpecError(f"slurm.template: {chosen}: no such template ({exc.name})") from None
     except jinja2.TemplateSyntaxError as exc:
         raise SpecError(f"slurm.template: {chosen}, line {exc.lineno}: {exc.message}") from None
+    except jinja2.exceptions.SecurityError as exc:
+        raise SpecError(f"slurm.template: {chosen}: refused by the template sandbox: {exc}") from None
     except jinja2.TemplateError as exc:
         raise SpecError(f"slurm.template: {chosen}: {exc.message}") from None
+    except Exception as exc:  # a template's own runtime error ({{ 1 / 0 }}, a bad filter argument)
+        raise SpecError(f"slurm.template: {chosen}: {type(exc).__name__}: {exc}") from None

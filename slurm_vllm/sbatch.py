@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import SubmitError
+from .errors import JobFolderError, SpecError, SubmitError
+from .jobdir import make_private_dir, prepare_jobs_root
 from .plan import Plan
 from .render import sbatch_text
 from .spec import JobSpec
@@ -18,7 +19,8 @@ def submit(spec: JobSpec, plan: Plan) -> tuple[str, Path]:
     The job folder (<jobs_root>/<name>-<job id>) is made by the script's init step when the job
     starts, from the spec and plan embedded in it, and init records the script Slurm ran as
     job.sbatch: the same text for `submit` and `render`. submitit calls sbatch and reads the job id;
-    its own files go to <jobs_root>/.submitit.
+    its own files go to <jobs_root>/.submitit, a 0700 folder of this user's (checked, not trusted by
+    its name: in a shared jobs_root another user may have made it first).
     """
     try:
         import submitit  # only when submitting: keeps `--help`, validate and render light
@@ -28,11 +30,13 @@ def submit(spec: JobSpec, plan: Plan) -> tuple[str, Path]:
 
     text = sbatch_text(spec, plan, spec.slurm.python or sys.executable)
     root = spec.jobs_root_path
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (root / ".submitit").mkdir(exist_ok=True, mode=0o700)
+    prepare_jobs_root(root)
+    try:                     # the script waits here for sbatch: no one else may read or swap it
+        make_private_dir(root / ".submitit")
+    except JobFolderError as exc:
+        raise SpecError(f"jobs_root: {exc}") from None
     except OSError as exc:
-        raise SubmitError(f"jobs_root: cannot create {root}: {exc.strerror}") from exc
+        raise SubmitError(f"jobs_root: cannot create {root / '.submitit'}: {exc.strerror}") from exc
 
     class Executor(submitit.SlurmExecutor):
         """submitit's Slurm executor submitting slurm_vllm's script instead of its own."""

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from . import safefile
 from .errors import SpecError
 
 Auto = Literal["auto"]
@@ -24,6 +25,7 @@ MAX_NODES = 4096
 MAX_GPUS_PER_NODE = 64
 MAX_CPUS_PER_TASK = 4096
 MAX_SPEC_BYTES = 1 << 20
+SLURM_TIME = r"UNLIMITED|INFINITE|-1|\d{1,7}(:\d{1,2}){0,2}|\d{1,4}-\d{1,2}(:\d{1,2}){0,2}"   # sbatch --time
 MAX_DEPTH = 16                     # YAML nesting (a spec needs 4)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Names of `env` variables that hold secrets, by their words (HF_TOKEN, AWS_ACCESS_KEY_ID, DB_PASS):
@@ -352,10 +354,10 @@ def _check(spec: JobSpec) -> None:
         raise SpecError(f"slurm.gpus_per_node: must be 0-{MAX_GPUS_PER_NODE}, got {s.gpus_per_node}")
     if s.cpus_per_task is not None and not 1 <= s.cpus_per_task <= MAX_CPUS_PER_TASK:
         raise SpecError(f"slurm.cpus_per_task: must be 1-{MAX_CPUS_PER_TASK}, got {s.cpus_per_task}")
-    if not re.fullmatch(r"UNLIMITED|INFINITE|\d{1,7}(:\d{1,2}){0,2}|\d{1,4}-\d{1,2}(:\d{1,2}){0,2}", s.time):
+    if not re.fullmatch(SLURM_TIME, s.time, re.ASCII | re.IGNORECASE):
         raise SpecError(f"slurm.time: {_show(s.time)}: use Slurm's minutes, [D-]HH:MM:SS, MM:SS, "
                         f"D-HH or UNLIMITED")
-    if s.mem is not None and not re.fullmatch(r"\d{1,12}[KMGTkmgt]?", s.mem):
+    if s.mem is not None and not re.fullmatch(r"\d{1,12}[KMGTkmgt]?", s.mem, re.ASCII):
         raise SpecError(f"slurm.mem: {_show(s.mem)}: use Slurm's size, e.g. 0 (all), 500G, 64000M")
     if not spec.model.path.strip():
         raise SpecError("model.path: must not be empty")
@@ -364,6 +366,9 @@ def _check(spec: JobSpec) -> None:
     if not spec.jobs_root_path.is_absolute():
         raise SpecError(f"jobs_root: {_show(spec.jobs_root)} must be an absolute path (or start with ~): "
                         f"the nodes resolve it in their own working directory")
+    if "%" in spec.jobs_root:
+        raise SpecError(f"jobs_root: {_show(spec.jobs_root)}: '%' is not allowed: Slurm expands %j, %u, … "
+                        f"in the job's log path there, so the log would land elsewhere")
     if spec.nccl.ib_gid_index is not None and not 0 <= spec.nccl.ib_gid_index <= 255:
         raise SpecError(f"nccl.ib_gid_index: must be 0-255, got {spec.nccl.ib_gid_index}")
     for key in ("tensor", "pipeline"):
@@ -581,11 +586,11 @@ def loads(text: str) -> Any:
 def load(path: str | Path) -> JobSpec:
     """Read a YAML job spec; SpecError names the file and the key path of any problem."""
     try:
-        raw = Path(path).read_bytes()
+        raw = safefile.read_input(Path(path), MAX_SPEC_BYTES)
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
-    if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError(f"{path}: {len(raw)} bytes: a spec is at most {MAX_SPEC_BYTES} bytes")
+    except ValueError as exc:
+        raise SpecError(f"{path}: {exc}; a spec is at most {MAX_SPEC_BYTES} bytes of YAML") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

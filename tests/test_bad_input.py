@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +70,9 @@ VALUES: list[tuple[str, object, str]] = [
     ("slurm.time", "", "slurm.time"),
     ("slurm.time", "01:00:00\n", "slurm.time"),
     ("slurm.time", 60, "slurm.time"),
+    ("slurm.time", "\u0661\u0660", "slurm.time"),             # Arabic-Indic digits: not Slurm's
+    ("slurm.time", "-2", "slurm.time"),
+    ("slurm.mem", "\u0665\u0660G", "slurm.mem"),
     ("slurm.partition", "gpu\ntouch /tmp/PWNED #", "slurm.partition"),
     ("slurm.partition", 1, "slurm.partition"),
     ("slurm.account", "a\rb", "slurm.account"),
@@ -143,6 +145,7 @@ VALUES: list[tuple[str, object, str]] = [
     ("jobs_root", "jobs", "jobs_root"),
     ("jobs_root", 3, "jobs_root"),
     ("jobs_root", "/j\n", "jobs_root"),
+    ("jobs_root", "/scratch/%u/jobs", "jobs_root: '/scratch/%u/jobs': '%' is not allowed"),
     ("ready_timeout", 1, "ready_timeout"),
     ("ready_timeout", 10**9, "ready_timeout"),
     ("ready_timeout", "1h", "ready_timeout"),
@@ -219,24 +222,22 @@ TEXTS: list[tuple[str, bytes, str]] = [
     ("not-yaml", b"name: t\n  model: : :\n", "not valid YAML"),
     ("list", b"- name: t\n", "expected a mapping"),
     ("empty", b"", "expected a mapping"),
-    ("huge", b"name: t\n" + b"#" * (2 << 20), "bytes: a spec is at most"),
+    ("huge", b"name: t\n" + b"#" * (2 << 20), "bytes: at most 1048576 are read; a spec is at most"),
     ("tab-indent", b"name: t\nmodel:\n\tpath: /m\n", "not valid YAML"),
 ]
 
 
-def run_validate(spec: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, float]:
-    t0 = time.monotonic()
+def run_validate(spec: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`validate SPEC` in process (how fast a refusal comes: benchmarks/login_node.py)."""
     code = cli.main(["validate", str(spec)])
-    elapsed = time.monotonic() - t0
-    return code, capsys.readouterr().err, elapsed
+    return code, capsys.readouterr().err
 
 
-def check(code: int, err: str, elapsed: float, names: str) -> None:
+def check(code: int, err: str, names: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err and 1 <= len(err.splitlines()) <= 3, err
     assert names in err, err
     assert len(err) < 600, err
-    assert elapsed < 1.0, f"{elapsed:.2f} s"
 
 
 def test_the_corpus_is_large() -> None:
@@ -290,7 +291,7 @@ def test_render_into_a_missing_folder_is_one_line(tmp_path: Path, capsys: pytest
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**BASE, "jobs_root": str(tmp_path / "jobs")}))
     code = cli.main(["render", str(spec), "-o", str(tmp_path / "missing" / "x.sbatch")])
-    check(code, capsys.readouterr().err, 0.0, "render -o: cannot write")
+    check(code, capsys.readouterr().err, "render -o: cannot write")
 
 
 @pytest.mark.parametrize(
@@ -301,6 +302,8 @@ def test_render_into_a_missing_folder_is_one_line(tmp_path: Path, capsys: pytest
         ("slurm.time", "7-00:00:00"),
         ("slurm.time", "30:00"),
         ("slurm.time", "2-12"),
+        ("slurm.time", "unlimited"),
+        ("slurm.time", "-1"),
         ("env", {"OMP_NUM_THREADS": 4, "RATIO": 0.5}),
         ("slurm.mem", "500G"),
         ("slurm.mem", "0"),

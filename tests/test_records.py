@@ -103,6 +103,7 @@ def test_stage_times_are_each_stage_last_write(tmp_path: Path) -> None:
 def test_endpoint_reads_its_key(tmp_path: Path) -> None:
     key = tmp_path / "api_key"
     key.write_text("sk-abc\n")
+    key.chmod(0o600)
     assert Endpoint("u", "m", "h", 1, str(key), "1").api_key() == "sk-abc"
     assert Endpoint("u", "m", "h", 1, None, "1").api_key() is None
     with pytest.raises(JobFolderError, match="cannot read the API key"):

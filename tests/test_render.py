@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import shlex
 import subprocess
 from pathlib import Path
 
@@ -38,9 +37,10 @@ def rendered() -> str:
 
 def test_golden_sbatch_script() -> None:
     text = rendered()
-    if os.environ.get("SLURM_VLLM_UPDATE_GOLDEN"):
-        GOLDEN.write_text(text)
     expected = GOLDEN.read_text()
+    if os.environ.get("SLURM_VLLM_UPDATE_GOLDEN") and text != expected:
+        GOLDEN.write_text(text)
+        pytest.fail("golden/job.sbatch rewritten from the rendered script: review `git diff` and run again")
     diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
                                         "golden/job.sbatch", "rendered"))
     assert not diff, (f"the rendered script changed:\n{diff}\nIf this is intended, regenerate: "
@@ -155,7 +155,7 @@ def test_a_sharded_batch_is_a_job_array_whose_tasks_have_folders_of_their_own() 
     assert p.shards == 3
     text = render.sbatch_text(s, p, "/usr/bin/python3")
     assert "#SBATCH --array=0-2\n" in text
-    assert f"#SBATCH --output={shlex.quote(str(s.jobs_root_path) + '/llama-70b-%A_%a.out')}\n" in text
+    assert f"#SBATCH --output={render.sbatch_quote(str(s.jobs_root_path) + '/llama-70b-%A_%a.out')}\n" in text
     job_dir_line = next(line for line in text.splitlines() if line.startswith("job_dir="))
     task = {"SLURM_JOB_ID": "125", "SLURM_ARRAY_JOB_ID": "123", "SLURM_ARRAY_TASK_ID": "2"}
     shown = subprocess.run(["bash", "-c", f'{job_dir_line}\necho "$job_dir"'], capture_output=True,
@@ -165,3 +165,86 @@ def test_a_sharded_batch_is_a_job_array_whose_tasks_have_folders_of_their_own() 
     unsharded = spec.parse({**data, "batch": {"input": "/data/in.jsonl"}})
     other = render.sbatch_text(unsharded, plan.make(unsharded, {}), "/usr/bin/python3")
     assert "--array" not in other and '-"$SLURM_JOB_ID"\n' in other
+
+
+def sbatch_words(line: str) -> list[str]:
+    """The words sbatch reads from the rest of an #SBATCH line: a port of Slurm's own tokenizer
+    (src/sbatch/opt.c, _get_argument: a backslash escapes the next character anywhere, ' and " open
+    a quoted part, an unquoted # ends the line). The real sbatch reads them in test_sbatch_e2e.py."""
+    words: list[str] = []
+    i = 0
+    while True:
+        while i < len(line) and line[i].isspace():
+            i += 1
+        if i >= len(line):
+            return words
+        word, quote, escape = "", "", False
+        while i < len(line) and (quote or not line[i].isspace()):
+            c = line[i]
+            i += 1
+            if escape:
+                escape = False
+            elif c == "\\":
+                escape = True
+                continue
+            elif quote:
+                if c == quote:
+                    quote = ""
+                    continue
+            elif c in "\"'":
+                quote = c
+                continue
+            elif c == "#":
+                return [*words, word] if word else words
+            word += c
+        assert not quote, f"sbatch would stop: unmatched {quote} in {line!r}"
+        words.append(word)
+
+
+HOSTILE = ["gpu' --output=/tmp/x", 'a\\" --signal=KILL@1', "x\\", "x # --exclusive", "acc ount",
+           "--export=ALL,LD_PRELOAD=/x", "a'b\"c\\d", "ünïcode", "%j%u"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_a_hostile_value_is_one_word_of_its_sbatch_line(value: str) -> None:
+    """partition, account, qos, constraint, extra_directives and jobs_root are quoted for sbatch's
+    tokenizer (not a shell's): each comes back as exactly one word, the value itself."""
+    data = {**SPEC, "slurm": {**SPEC["slurm"], "partition": value, "account": value, "qos": value,
+                              "constraint": value, "extra_directives": {"comment": value}}}
+    s = spec.parse(data)
+    lines = [line for line in render.sbatch_text(s, plan.make(s, {}), "/p").splitlines()
+             if line.startswith("#SBATCH ")]
+    for flag in ("partition", "account", "qos", "constraint", "comment"):
+        [line] = [x for x in lines if x.startswith(f"#SBATCH --{flag}=")]
+        assert sbatch_words(line.removeprefix("#SBATCH")) == [f"--{flag}={value}"], line
+
+
+def test_a_control_character_cannot_reach_an_sbatch_line() -> None:
+    with pytest.raises(SpecError, match="control character"):
+        render.sbatch_quote("gpu\n#SBATCH --exclusive")
+
+
+@pytest.mark.parametrize("body", [
+    '{% extends "job.sbatch.j2" %}{% block setup %}{{ cycler.__init__.__globals__.os.system("touch MARK") }}'
+    '{% endblock %}',
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{% set x = [] %}{{ x.append('MARK') }}",
+])
+def test_a_template_cannot_reach_python(body: str, tmp_path: Path) -> None:
+    """slurm.template is rendered on the login node (validate, render, submit): in jinja2's sandbox,
+    an attribute that leads to Python is a one-line spec error, and nothing ran."""
+    template = tmp_path / "evil.j2"
+    template.write_text(body.replace("MARK", str(tmp_path / "ran")))
+    s = spec.parse({**SPEC, "slurm": {**SPEC["slurm"], "template": str(template)}})
+    refused = r"^slurm.template: .*evil.j2: refused by the template sandbox: "
+    with pytest.raises(SpecError, match=refused) as err:
+        render.sbatch_text(s, plan.make(s, {}), "/p")
+    assert "\n" not in str(err.value) and not (tmp_path / "ran").exists()
+
+
+def test_a_runtime_error_in_a_template_is_a_spec_error(tmp_path: Path) -> None:
+    template = tmp_path / "div.j2"
+    template.write_text("{{ 1 // 0 }}")
+    s = spec.parse({**SPEC, "slurm": {**SPEC["slurm"], "template": str(template)}})
+    with pytest.raises(SpecError, match=r"slurm.template: .*div.j2: ZeroDivisionError"):
+        render.sbatch_text(s, plan.make(s, {}), "/p")

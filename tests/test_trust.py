@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from slurm_vllm import node
+from slurm_vllm.errors import JobFolderError
 from slurm_vllm.jobdir import JobDir
 from slurm_vllm.plan import Plan
 from slurm_vllm.records import Endpoint, Stage
@@ -151,3 +156,201 @@ def test_a_requeued_job_starts_again_from_a_clean_folder(tmp_path: Path,
     monkeypatch.setenv("SLURM_JOB_ID", "78")
     with pytest.raises(Exception, match="made by job 77: refused"):
         node.init(str(folder), None, embedded(tmp_path))
+
+
+def spec_in(root: Path, home: Path) -> Path:
+    spec = home / "job.yaml"
+    spec.write_text(f"name: j\nmodel: {{path: /m}}\njobs_root: {root}\n")
+    return spec
+
+
+def as_nobody(*argv: str) -> None:
+    subprocess.run(list(argv), user=NOBODY, group=NOBODY, check=True)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A shared scratch folder as clusters have them: 1777, reachable by every user (`nobody` too)."""
+    root = Path(tempfile.mkdtemp(prefix="svt-scratch-", dir="/tmp"))
+    root.chmod(0o1777)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_submitit_folder_another_user_made_first_is_refused(tmp_path: Path, scratch: Path) -> None:
+    """A shared jobs_root (1777): `nobody` made <jobs_root>/.submitit first (0777), to swap the script
+    between its write and sbatch's read. submit refuses it (exit 2, one line), before anything is
+    written there or sent to Slurm."""
+    root = scratch
+    as_nobody("mkdir", "-m", "777", str(root / ".submitit"))
+    out = cli("submit", str(spec_in(root, tmp_path)), home=tmp_path)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().endswith(f"jobs_root: {root}/.submitit: this folder belongs to nobody, not to "
+                                       f"you: refused"), out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert list((root / ".submitit").iterdir()) == []
+
+
+def test_a_jobs_root_others_can_rearrange_is_refused(tmp_path: Path) -> None:
+    """Writable by others without the sticky bit: anyone could rename the user's folders away and put
+    their own in place. render and submit refuse it; 1777 (as /tmp) is accepted."""
+    root = tmp_path / "open"
+    root.mkdir()
+    root.chmod(0o777)
+    for verb in ("render", "submit"):
+        out = cli(verb, str(spec_in(root, tmp_path)), home=tmp_path)
+        assert out.returncode == 2 and "without the sticky bit (mode 777)" in out.stderr, out
+    root.chmod(0o1777)
+    assert cli("render", str(spec_in(root, tmp_path)), home=tmp_path).returncode == 0
+
+
+def test_a_planted_link_inside_a_job_folder_is_never_followed(tmp_path: Path) -> None:
+    """A container running as root with the folder bound can replace api_key by a link to any file of
+    the user's: it would be sent as the Bearer token to the URL the folder names. Refused, as is a
+    stage file that is a link, and a key file others can read."""
+    from slurm_vllm.api import job as job_of
+
+    home_secret = tmp_path / "id_ed25519"
+    home_secret.write_text("PRIVATE KEY\n")
+    home_secret.chmod(0o600)
+    jd = ready_job(tmp_path / "jobs" / "j-1")
+    jd.api_key.unlink()
+    jd.api_key.symlink_to(home_secret)
+    ep = job_of(str(jd.path)).endpoint()
+    with pytest.raises(JobFolderError, match="api_key: a link: refused"):
+        ep.api_key()
+    jd.api_key.unlink()
+    jd.api_key.write_text("sk-x\n")
+    jd.api_key.chmod(0o644)
+    with pytest.raises(JobFolderError, match="a secret others can reach"):
+        ep.api_key()
+    jd.stage_file.unlink()
+    jd.stage_file.symlink_to(home_secret)
+    one_line_refusal(cli("status", str(jd.path), home=tmp_path), "stage: a link: refused")
+
+
+def test_logs_read_only_the_users_files_and_print_no_terminal_controls(tmp_path: Path) -> None:
+    """`logs` reads the batch step's output beside the folder (<jobs_root>/<name>.out): a link planted
+    there (to /etc/shadow) is not followed; what is printed carries no escape sequences or bidi
+    overrides; a long log is read from its end."""
+    jd = ready_job(tmp_path / "jobs" / "j-1")
+    beside = jd.path.parent / f"{jd.path.name}.out"
+    beside.symlink_to("/etc/shadow")
+    escapes = "\x1b]0;pwned\x07\x1b[2Jcleared \u202eevil"        # set the title, clear, reorder
+    (jd.logs / "vllm-0.log").write_text("x" * (3 << 20) + f"\nstarting\n{escapes}\n")
+    out = cli("logs", str(jd.path), "-n", "2", home=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "root:" not in out.stdout and "a link: refused" in out.stdout, out.stdout
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\u202e" not in out.stdout, out.stdout
+    assert "starting" in out.stdout and "cleared" in out.stdout and "x" * 100 not in out.stdout
+
+
+@pytest.mark.parametrize("what", ["spec", "template", "config.json"])
+def test_a_fifo_in_place_of_an_input_file_is_refused_not_waited_on(what: str, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    model = tmp_path / "model"
+    model.mkdir()
+    spec = tmp_path / "job.yaml"
+    body = {"name": "j", "model": {"path": str(model)}, "jobs_root": str(tmp_path / "jobs")}
+    if what == "template":
+        body["slurm"] = {"template": str(fifo)}
+    if what == "config.json":
+        (model / "config.json").symlink_to(fifo)
+    spec.write_text(json.dumps(body))
+    out = subprocess.run([sys.executable, "-m", "slurm_vllm", "validate",
+                          str(fifo if what == "spec" else spec)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "not a regular file" in out.stderr, out
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+
+
+# -- batch outputs on shared scratch: two real users, root (the victim) and nobody ------------------
+
+def batch_spec(home: Path, root: Path, **batch: str) -> Path:
+    inp = home / "in.jsonl"
+    inp.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                       "body": {"prompt": "p", "max_tokens": 1}}) + "\n" for i in range(3)))
+    spec = home / "batch.yaml"
+    spec.write_text(json.dumps({"name": "b", "model": {"path": "/m"}, "jobs_root": str(root), "mode": "batch",
+                                "batch": {"input": str(inp), **batch}}))
+    return spec
+
+
+def forged(path: Path) -> None:
+    """`nobody` writes an output holding a line for every custom_id of the victim's input."""
+    lines = "".join(json.dumps({"custom_id": f"c{i}", "response": {"status_code": 200, "body": {}},
+                                "error": None}) + "\n" for i in range(3))
+    subprocess.run(["sh", "-c", f'umask 0; printf %s "$1" > {path}', "sh", lines], user=NOBODY, group=NOBODY,
+                   check=True)
+
+
+def refused(out: subprocess.CompletedProcess[str], words: str) -> None:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out
+    assert len(out.stderr.splitlines()) == 1 and words in out.stderr, out.stderr
+
+
+def test_a_planted_default_output_is_refused_at_submit_and_on_the_node(tmp_path: Path, scratch: Path) -> None:
+    """The default output <jobs_root>/<name>.results.jsonl, made first by `nobody` with a line for
+    each custom_id: it would make the job DONE having sent nothing. validate (as submit) refuses it,
+    and so does the driver's own open on the node."""
+    from slurm_vllm.batchdriver import Driver
+    from slurm_vllm.batchio import BatchInputError
+
+    spec = batch_spec(tmp_path, scratch)
+    forged(scratch / "b.results.jsonl")
+    refused(cli("validate", str(spec), home=tmp_path), "results.jsonl belongs to nobody, not to you: refused")
+    d = Driver("http://127.0.0.1:9", None, tmp_path / "in.jsonl", scratch / "b.results.jsonl", "m", 1,
+               threading.Event())
+    with pytest.raises(BatchInputError, match="belongs to nobody"):
+        d.run()
+
+
+def test_planted_parts_are_never_merged(tmp_path: Path, scratch: Path) -> None:
+    from slurm_vllm.batchio import BatchInputError, merge
+
+    spec = batch_spec(tmp_path, scratch)
+    parts = scratch / "b.results.jsonl.parts"
+    subprocess.run(["mkdir", "-m", "777", str(parts)], user=NOBODY, group=NOBODY, check=True)
+    forged(parts / "part-0-of-2.jsonl")
+    refused(cli("validate", str(spec), home=tmp_path), "parts folder belongs to nobody, not to you: refused")
+    with pytest.raises(BatchInputError, match="parts folder belongs to nobody"):
+        merge(scratch / "b.results.jsonl", parts, tmp_path / "in.jsonl")
+    assert not (scratch / "b.results.jsonl").read_text()          # nothing of theirs was merged
+
+
+def test_an_output_that_is_a_link_cuts_nothing_it_points_to(tmp_path: Path, scratch: Path) -> None:
+    """A link planted as the output to a file of the victim's whose last line has no newline: a
+    repair through it would cut that line. Refused at submit and by the node's open; the file is
+    untouched."""
+    from slurm_vllm.batchdriver import Driver
+    from slurm_vllm.batchio import BatchInputError, merge
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("line one\nunfinished line")
+    spec = batch_spec(tmp_path, scratch)
+    subprocess.run(["ln", "-s", str(victim), str(scratch / "b.results.jsonl")], user=NOBODY, group=NOBODY,
+                   check=True)
+    refused(cli("validate", str(spec), home=tmp_path), "b.results.jsonl is a link: refused")
+    d = Driver("http://127.0.0.1:9", None, tmp_path / "in.jsonl", scratch / "b.results.jsonl", "m", 1,
+               threading.Event())
+    with pytest.raises(BatchInputError, match="is a link: refused"):
+        d.run()
+    with pytest.raises(BatchInputError, match="is a link: refused"):
+        merge(scratch / "b.results.jsonl", scratch / "b.results.jsonl.parts", tmp_path / "in.jsonl")
+    assert victim.read_text() == "line one\nunfinished line"
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("input", "is the input itself: name another file"),
+    ("folder", "is a folder; name a file"),
+    ("missing", "its folder"),
+    ("open-folder", "without the sticky bit"),
+])
+def test_a_bad_output_is_found_at_submit_not_on_the_node(case: str, words: str, tmp_path: Path) -> None:
+    root = tmp_path / "jobs"
+    output = {"input": str(tmp_path / "in.jsonl"), "folder": str(tmp_path),
+              "missing": str(tmp_path / "nowhere" / "out.jsonl"),
+              "open-folder": str(tmp_path / "open" / "out.jsonl")}[case]
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    refused(cli("validate", str(batch_spec(tmp_path, root, output=output)), home=tmp_path), words)
