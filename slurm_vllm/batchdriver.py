@@ -8,6 +8,11 @@ half-written last line is cut first (batchio.repair). A request that gets an HTT
 line, whatever its status (a refusal is a line with its status and error); one that gets no answer
 (the server went away) gets none, so it runs again on resume. On a stop (scancel, the time limit)
 the driver sends nothing more, waits up to `drain` seconds for the requests in flight, and ends.
+
+A 5xx is not an answer while it may pass: sent again (RETRY_5XX times, with back-off) and, while the
+job is stopping, not written at all (the dying server's requests run again on the next run). A 5xx
+that persists is written only once the rank's liveness check has passed after it (a dead engine fails
+the job first). An exception inside a request's worker fails the run at once, naming the request.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .records import BatchProgress
 
 REQUEST_TIMEOUT = 3600.0          # one request may wait this long for its answer (long generations)
 CHECK_EVERY = 0.5                 # the rank's liveness check (children, worker failure files) between sends
+RETRY_5XX = (0.5, 1.0, 2.0)       # back-off before each new try of a request that got a 5xx
 
 
 class BatchError(SlurmVllmError):
@@ -58,9 +64,10 @@ class Driver:
         self.local = threading.local()
         self.lock = threading.Lock()
         self.counts = {"ok": 0, "refused": 0, "lost": 0, "in_flight": 0, "tokens_in": 0, "tokens_out": 0,
-                       "done": 0, "resumed": 0, "total": 0}
+                       "done": 0, "resumed": 0, "total": 0, "retries": 0}
         self.closed = False
         self.lost_reason = ""
+        self.error = ""                   # the first exception inside a request's worker (fails the run)
         self.started = time.monotonic()
         self.last_sync = self.next_report = self.last_check = 0.0
 
@@ -125,6 +132,8 @@ class Driver:
             while self.counts["in_flight"] and time.monotonic() < deadline:
                 self._tick(check=not self.stop.is_set())
                 time.sleep(0.05)
+            if self.error:
+                raise BatchError(f"the batch driver failed: {self.error}")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -143,11 +152,14 @@ class Driver:
 
     def _tick(self, check: bool = True) -> None:
         """Between two sends, at most every CHECK_EVERY seconds the rank's check (a dead server or
-        worker fails the job); an fsync every second; a progress report every report_every seconds."""
+        worker fails the job); an fsync every second; a progress report every report_every seconds.
+        A worker's exception fails the run here, by name."""
+        if self.error:
+            raise BatchError(f"the batch driver failed: {self.error}")
         now = time.monotonic()
         if check and now - self.last_check >= CHECK_EVERY:
             self.check()
-            self.last_check = now
+            self.last_check = time.monotonic()
         if now - self.last_sync >= 1.0:
             with self.lock:
                 if not self.closed:
@@ -167,7 +179,7 @@ class Driver:
             refused=c["refused"], lost=c["lost"], in_flight=c["in_flight"], tokens_in=c["tokens_in"],
             tokens_out=c["tokens_out"], elapsed=round(elapsed, 3),
             rate=round(answered / elapsed, 3) if elapsed > 0 else 0.0,
-            finished=c["done"] == c["total"] if finished is None else finished)
+            finished=c["done"] == c["total"] if finished is None else finished, retries=c["retries"])
 
     # -- one request -----------------------------------------------------------------------------
 
@@ -195,16 +207,48 @@ class Driver:
         raise AssertionError("unreachable")
 
     def _one(self, req: dict[str, Any]) -> None:
-        body = dict(req["body"])
-        body.setdefault("model", self.served_name)
+        """One request, in a worker thread: its exchange, then in_flight down whatever happened; an
+        exception is kept (named) for the main loop, which fails the run with it."""
         try:
-            status, raw, request_id = self._post(req["url"], json.dumps(body).encode())
-        except (OSError, http.client.HTTPException) as exc:
+            self._exchange(req)
+        except BaseException as exc:
+            with self.lock:
+                self.error = self.error or (f"request {req['custom_id'][:80]!r}: {type(exc).__name__}: "
+                                            f"{str(exc)[:300]}")
+        finally:
             with self.lock:
                 self.counts["in_flight"] -= 1
-                self.counts["lost"] += 1
-                self.lost_reason = self.lost_reason or f"{type(exc).__name__}: {exc}"
-            return
+
+    def _lose(self, reason: str) -> None:
+        with self.lock:
+            self.counts["lost"] += 1
+            self.lost_reason = self.lost_reason or reason
+
+    def _exchange(self, req: dict[str, Any]) -> None:
+        body = dict(req["body"])
+        body.setdefault("model", self.served_name)
+        data = json.dumps(body).encode()
+        for backoff in (*RETRY_5XX, None):
+            try:
+                status, raw, request_id = self._post(req["url"], data)
+            except (OSError, http.client.HTTPException) as exc:
+                self._lose(f"{type(exc).__name__}: {exc}")
+                return
+            if status < 500:
+                break
+            if self.stop.is_set():       # the job is stopping: a dying server's 5xx is not a result
+                self._lose(f"HTTP {status} while stopping")
+                return
+            if backoff is None:          # persistent: a result, once the server is seen alive after it
+                if not self._checked_since(time.monotonic()):
+                    self._lose(f"HTTP {status}, and the server was not seen alive after it")
+                    return
+                break
+            with self.lock:
+                self.counts["retries"] += 1
+            if self.stop.wait(backoff):
+                self._lose(f"HTTP {status} while stopping")
+                return
         try:
             answer: Any = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -214,19 +258,28 @@ class Driver:
                 "response": {"status_code": status, "request_id": request_id or f"req_{uuid.uuid4().hex}",
                              "body": answer},
                 "error": error}
-        data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        # A lone surrogate in the answer (\ud800) stays a JSON escape instead of failing to encode.
+        out = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", errors="backslashreplace")
         usage = answer.get("usage") if isinstance(answer, dict) else None
+        tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)) \
+            if isinstance(usage, dict) else (0, 0)
         with self.lock:
-            self.counts["in_flight"] -= 1
             if self.closed:
                 return                   # after the drain: not written, runs again on resume
-            self.out.write(data)
+            self.out.write(out)
             self.out.flush()
             self.counts["done"] += 1
             self.counts["ok" if error is None else "refused"] += 1
-            if isinstance(usage, dict):
-                self.counts["tokens_in"] += int(usage.get("prompt_tokens") or 0)
-                self.counts["tokens_out"] += int(usage.get("completion_tokens") or 0)
+            self.counts["tokens_in"] += tokens[0]
+            self.counts["tokens_out"] += tokens[1]
+
+    def _checked_since(self, since: float, wait: float = 5.0) -> bool:
+        """Has the main loop's liveness check passed after SINCE (waiting up to WAIT s for it)? A
+        failed check closes the run instead."""
+        deadline = time.monotonic() + wait
+        while self.last_check <= since and not self.closed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.last_check > since and not self.closed
 
 
 def _message(answer: Any) -> str:

@@ -270,6 +270,7 @@ class BatchProgress(Record):
     elapsed: float               # seconds since this run started sending
     rate: float                  # requests answered per second, this run
     finished: bool = False
+    retries: int = 0             # this run: 5xx answers sent again (a 5xx is not a result while it may pass)
 
     @property
     def eta(self) -> float | None:
@@ -284,6 +285,7 @@ class BatchProgress(Record):
 
     def summary(self) -> str:
         """The final stage's detail: counts, tokens, rate, and where the results are."""
-        return (f"{self.done}/{self.total} done ({self.ok} ok, {self.refused} refused this run), "
+        retried = f", {self.retries} retried after a 5xx" if self.retries else ""
+        return (f"{self.done}/{self.total} done ({self.ok} ok, {self.refused} refused{retried} this run), "
                 f"{self.tokens_in} tokens in, {self.tokens_out} out, {self.rate:.1f} req/s in "
                 f"{self.elapsed:.0f} s → {self.output}")

@@ -19,6 +19,7 @@ import pytest
 
 from slurm_vllm.batchdriver import BatchError, Driver
 from slurm_vllm.batchio import BatchInputError, done_ids, merge, part_path, repair, shard_of, validate
+from slurm_vllm.errors import ServeError
 from slurm_vllm.slurm import array_ids
 
 pytestmark = pytest.mark.unit
@@ -116,6 +117,8 @@ class FakeVllm:
         self.hold = threading.Event()
         self.hold.set()
         self.dead = threading.Event()              # set: answer nothing, drop the connection
+        self.fail_next = 0                         # answer this many requests 500 (a passing fault)
+        self.failing = ""                          # answer 500 to every prompt holding this
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -139,7 +142,16 @@ class FakeVllm:
                     self.close_connection = True
                     return
                 text = json.dumps(body)
-                if "bad" in text:
+                with fake.lock:
+                    passing_fault = fake.fail_next > 0
+                    fake.fail_next -= passing_fault
+                if passing_fault or (fake.failing and fake.failing in text):
+                    status, answer = 500, {"error": {"message": "EngineCore encountered an issue"}}
+                elif "weird-usage" in text:
+                    status, answer = 200, {"choices": [{"text": "ok"}], "usage": {"prompt_tokens": "many"}}
+                elif "surrogate" in text:
+                    status, answer = 200, {"choices": [{"text": "half \ud800 a pair"}]}
+                elif "bad" in text:
                     status, answer = 400, {"error": {"message": "bad request: bad prompt", "code": 400}}
                 elif self.headers.get("Authorization") != "Bearer sk-test":
                     status, answer = 401, {"error": {"message": "unauthorized"}}
@@ -419,3 +431,70 @@ def test_requests_lost_because_the_job_is_stopping_are_not_a_failure(tmp_path: P
     assert not progress.finished and progress.lost > 0 and progress.done < 50
     ids = [r["custom_id"] for r in results(tmp_path / "out.jsonl")]
     assert len(ids) == len(set(ids)) == progress.done
+
+
+# -- 5xx answers and worker errors ------------------------------------------------------------------
+
+def test_a_passing_5xx_is_sent_again_and_counted_not_written(server: FakeVllm, tmp_path: Path) -> None:
+    server.fail_next = 3
+    progress = driver(server, tmp_path, 20, concurrency=4).run()
+    lines = results(tmp_path / "out.jsonl")
+    assert progress.finished and progress.retries == 3 and progress.ok == 20, progress
+    assert [line["response"]["status_code"] for line in lines] == [200] * 20
+    assert "3 retried after a 5xx" in progress.summary()
+
+
+def test_a_5xx_while_the_job_stops_is_not_a_result_and_runs_again(server: FakeVllm, tmp_path: Path) -> None:
+    """scontrol requeue, preemption, a cancel: the engine dies and answers 500 to what is in flight.
+    Those are not results: no line, and the next run sends them."""
+    server.failing = "max_tokens"                      # every request: the engine is dying
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    progress = driver(server, tmp_path, 30, concurrency=4, stop=stop).run(drain=lambda: 10)
+    assert not progress.finished and progress.lost > 0 and progress.done == 0, progress
+    assert results(tmp_path / "out.jsonl") == []
+    server.failing = ""
+    again = driver(server, tmp_path, 30, concurrency=4).run()
+    assert again.finished and again.ok == 30
+    assert {line["response"]["status_code"] for line in results(tmp_path / "out.jsonl")} == {200}
+
+
+def test_a_5xx_from_a_dead_engine_is_not_written(server: FakeVllm, tmp_path: Path) -> None:
+    """The engine died: its 5xx persist, and the rank's liveness check fails the job before any of
+    them could become a line."""
+    server.failing = "max_tokens"
+    seen: list[int] = []
+
+    def check() -> None:
+        seen.append(server.seen)
+        if server.seen:
+            raise ServeError("vllm exited (code 1) on node1")
+
+    with pytest.raises(ServeError, match="vllm exited"):
+        driver(server, tmp_path, 30, concurrency=4, check=check).run()
+    assert results(tmp_path / "out.jsonl") == []
+
+
+def test_a_persistent_5xx_of_a_live_server_is_written_after_retries(server: FakeVllm, tmp_path: Path) -> None:
+    server.failing = '"p3"'
+    progress = driver(server, tmp_path, [request(i) for i in range(6)], concurrency=2).run()
+    by_id = {line["custom_id"]: line for line in results(tmp_path / "out.jsonl")}
+    assert progress.finished and progress.retries == 3 and progress.refused == 1, progress
+    assert by_id["req-3"]["response"]["status_code"] == 500
+    assert by_id["req-3"]["error"]["message"] == "EngineCore encountered an issue"
+
+
+def test_an_exception_in_a_request_worker_fails_the_run_by_name(server: FakeVllm, tmp_path: Path) -> None:
+    """An answer the driver cannot take (usage that is not a number) used to leave its request in
+    flight and the run waiting an hour; now the run fails at once naming the request and the error."""
+    reqs = [request(i) for i in range(5)] + [request(5, prompt="weird-usage")]
+    t0 = time.monotonic()
+    with pytest.raises(BatchError, match=r"request 'req-5': ValueError: invalid literal"):
+        driver(server, tmp_path, reqs, concurrency=2).run()
+    assert time.monotonic() - t0 < 60
+
+
+def test_an_answer_with_a_lone_surrogate_is_written_as_valid_json(server: FakeVllm, tmp_path: Path) -> None:
+    progress = driver(server, tmp_path, [request(0, prompt="surrogate")]).run()
+    [line] = results(tmp_path / "out.jsonl")
+    assert progress.ok == 1 and line["response"]["body"]["choices"][0]["text"] == "half \ud800 a pair"
