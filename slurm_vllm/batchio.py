@@ -96,14 +96,22 @@ def check_request(raw: bytes, served_name: str) -> tuple[dict[str, Any] | None, 
     if len(raw) > MAX_LINE:
         return None, f"longer than {MAX_LINE >> 20} MiB"
     try:
-        req = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return None, f"not JSON ({exc.msg if isinstance(exc, json.JSONDecodeError) else 'not UTF-8'})"
+        req = json.loads(raw, parse_constant=_not_json)
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc.msg})"
+    except UnicodeDecodeError:
+        return None, "not JSON (not UTF-8)"
+    except (ValueError, RecursionError) as exc:   # NaN/Infinity, a 5000-digit number, deep nesting
+        return None, f"not JSON ({str(exc)[:100] if isinstance(exc, ValueError) else 'nested too deeply'})"
     if not isinstance(req, dict):
         return None, f"a JSON {type(req).__name__}, not an object"
     cid = req.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "custom_id is missing (a non-empty string)"
+    try:
+        cid.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "custom_id is not valid Unicode text (a lone surrogate escape)"
     if req.get("method", "POST") != "POST":
         return None, f"method {req.get('method')!r}: only POST"
     if req.get("url") not in URLS:
@@ -114,7 +122,13 @@ def check_request(raw: bytes, served_name: str) -> tuple[dict[str, Any] | None, 
     model = body.get("model")
     if model is not None and model != served_name:
         return None, f"body.model {model!r} is not the served model {served_name!r}"
+    if body.get("stream"):
+        return None, "body.stream: a streamed answer is not a batch result (leave stream out)"
     return req, ""
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def validate(path: Path, served_name: str) -> InputSummary:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from .errors import JobFolderError
+from .jobdir import atomic_write, is_job_id
 from .plan import Plan
 from .records import Record
 
@@ -38,8 +39,6 @@ def root() -> Path:
 def record(job_id: str, folder: Path, plan: Plan) -> None:
     """Index JOB_ID → FOLDER, atomically. The job runs either way: a failure is a warning (the
     folder path still works everywhere, the id only through --jobs-root)."""
-    from .jobdir import atomic_write
-
     base = root()
     entry = IndexEntry(job_id, str(folder.resolve()), plan, time.time())
     try:
@@ -49,27 +48,32 @@ def record(job_id: str, folder: Path, plan: Plan) -> None:
         warnings.warn(f"cannot index job {job_id} in {base}: {exc.strerror}", stacklevel=2)
 
 
-def lookup(job_id: str) -> IndexEntry | None:
-    path = root() / f"{job_id}.json"
-    if not path.exists():
-        return None
+def _read(path: Path) -> IndexEntry | None:
+    """The entry at PATH when it is one: a job id as Slurm writes them, named by its own file (an
+    entry naming another job would make `cancel` hit that one); else None (skipped)."""
     try:
-        return IndexEntry.read(path)
-    except JobFolderError:
+        entry = IndexEntry.read(path)
+    except (FileNotFoundError, JobFolderError):
         return None
+    if not is_job_id(entry.job_id) or path.name != f"{entry.job_id}.json":
+        return None
+    return entry
+
+
+def lookup(job_id: str) -> IndexEntry | None:
+    if not is_job_id(job_id):
+        return None
+    return _read(root() / f"{job_id}.json")
 
 
 def entries() -> list[IndexEntry]:
-    """Every readable entry (a foreign or broken file is skipped)."""
+    """Every valid entry (a foreign, broken or misnamed file is skipped)."""
     base = root()
-    out = []
-    for path in sorted(base.glob("*.json")) if base.is_dir() else []:
-        try:
-            out.append(IndexEntry.read(path))
-        except JobFolderError:
-            continue
-    return out
+    found = (_read(path) for path in sorted(base.glob("*.json"))) if base.is_dir() else iter(())
+    return [entry for entry in found if entry is not None]
 
 
 def forget(job_id: str) -> None:
-    (root() / f"{job_id}.json").unlink(missing_ok=True)
+    """Drop JOB_ID's entry (only a job id: never a path that leads elsewhere)."""
+    if is_job_id(job_id):
+        (root() / f"{job_id}.json").unlink(missing_ok=True)

@@ -264,7 +264,7 @@ def read_secret(path: Path) -> str:
 
 def is_job_id(ref: str) -> bool:
     """Is REF a Slurm job id: `123`, or a job array's task `123_4`?"""
-    return re.fullmatch(r"[0-9]+(_[0-9]+)?", ref) is not None
+    return re.fullmatch(r"[0-9]+(_[0-9]+)?", ref, re.ASCII) is not None
 
 
 def find(job: str, jobs_root: Path) -> JobDir:

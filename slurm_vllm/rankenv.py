@@ -34,8 +34,8 @@ def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mappin
     # starts idle workers for the first driver, which is the head's barrier watch, not vLLM: wasted
     # CPU while vLLM imports. The spec's env may set either.
     env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_prestart_worker_first_driver": "0",
-           **spec.env}
-    env.update({
+           **spec.env, **secrets}
+    env.update({                   # last: neither env nor a secret file sets what these decide
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(ray_token),
         **spec.nccl.env(),
@@ -44,7 +44,6 @@ def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mappin
         "GLOO_SOCKET_IFNAME": ident.interface,
         "NCCL_SOCKET_IFNAME": ident.interface,
     })
-    env.update(secrets)
     if head_gcs is not None:
         env["RAY_ADDRESS"] = f"{ident.ip}:{head_gcs}"
     return env

@@ -31,11 +31,18 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Names of `env` variables that hold secrets, by their words (HF_TOKEN, AWS_ACCESS_KEY_ID, DB_PASS):
 # refused there (env values land in spec.yaml and job.sbatch) and sent to secret_env.
 SECRET_LAST_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASS", "PASSPHRASE", "KEY", "APIKEY", "PAT",
-                     "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "COOKIE"}
+                     "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "COOKIE", "PWD", "DSN", "WEBHOOK"}
+SECRET_WORD_ENDS = ("PASSWORD", "PASSWD", "TOKEN", "SECRET", "APIKEY")     # PGPASSWORD, GHTOKEN
+# A value holding a password in a URL (HTTPS_PROXY=http://user:pass@proxy:3128) is a secret too.
+URL_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+# Variables slurm_vllm sets for Ray and vLLM on every node (rankenv.environment): env and secret_env
+# may not set them (a secret_env file could otherwise switch Ray's token auth off).
+MANAGED_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USAGE_STATS_ENABLED", "RAY_ADDRESS",
+               "VLLM_HOST_IP", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"}
 SECRET_PAIRS = {("ACCESS", "KEY"), ("SECRET", "KEY"), ("PRIVATE", "KEY"), ("API", "KEY"),
                 ("CONNECTION", "STRING"), ("SESSION", "TOKEN")}
 SECRET_URL_OWNERS = {"DATABASE", "DB", "POSTGRES", "POSTGRESQL", "MYSQL", "REDIS", "MONGO", "MONGODB", "AMQP",
-                     "BROKER", "SQLALCHEMY"}
+                     "BROKER", "SQLALCHEMY", "WEBHOOK", "SLACK"}
 SWITCH_WORDS = {"DISABLE", "ENABLE", "NO", "USE", "SKIP", "ALLOW"}     # HF_HUB_DISABLE_IMPLICIT_TOKEN
 
 
@@ -44,9 +51,13 @@ def looks_secret(name: str) -> bool:
     HF_TOKEN, OPENAI_KEY, AWS_ACCESS_KEY_ID, DATABASE_URL are; TOKENIZERS_PARALLELISM, MAX_TOKENS,
     HF_TOKEN_PATH, HF_HUB_DISABLE_IMPLICIT_TOKEN are not."""
     words = [w for w in name.upper().split("_") if w]
+    while words and words[-1].isdigit():          # HF_TOKEN_2, CLIENT_SECRET_1
+        words.pop()
     if not words or SWITCH_WORDS & set(words):
         return False
     if words[-1] in SECRET_LAST_WORDS or any(p in SECRET_PAIRS for p in itertools.pairwise(words)):
+        return True
+    if words[-1].endswith(SECRET_WORD_ENDS):
         return True
     return words[-1] in ("URL", "URI", "DSN") and bool(SECRET_URL_OWNERS & set(words[:-1]))
 
@@ -383,10 +394,15 @@ def _check(spec: JobSpec) -> None:
         bad_mode = len(parts) == 3 and parts[2] not in ("ro", "rw")
         if len(parts) not in (2, 3) or not all(parts[:2]) or bad_mode:
             raise SpecError(f"container.binds[{i}]: {bind!r}: use host:container or host:container:ro")
-    for key in spec.env:
-        if looks_secret(key):
+    for key, env_value in spec.env.items():
+        if looks_secret(key) or URL_CREDENTIALS.search(str(env_value)):
             raise SpecError(f"env.{key}: looks like a secret; put it in secret_env as "
                             f"{key}: /path/to/file (read on the node, never written into scripts)")
+    for table, keys in (("env", spec.env), ("secret_env", spec.secret_env)):
+        for key in keys:
+            if key in MANAGED_ENV:
+                raise SpecError(f"{table}.{key}: set by slurm_vllm on every node (the node's network "
+                                f"identity, Ray's token auth); it may not be set here")
     for key, value in spec.secret_env.items():
         if not value.startswith(("/", "~")):
             raise SpecError(f"secret_env.{key}: must be the absolute path of a file holding the value "
@@ -413,7 +429,8 @@ def _check(spec: JobSpec) -> None:
             raise SpecError(f"container.binds[{i}]: {bind!r}: one bind per entry (no ',')")
     for i, option in enumerate(c.options):
         name = option.split("=", 1)[0]
-        if name in ENV_OPTIONS or re.fullmatch(r"-e\S+", option):
+        short_e = re.fullmatch(r"-[A-Za-z]*e\S*", option)      # -e X, -eX, -ie X (a cluster of short flags)
+        if name in ENV_OPTIONS or name in ("--env-host", "--env-merge") or short_e:
             raise SpecError(f"container.options[{i}]: {_show(option)}: the container's environment comes "
                             f"from env (values) and secret_env (files), never from the command line")
         if name == "--name":

@@ -52,6 +52,9 @@ def test_a_valid_input_is_counted_by_url(tmp_path: Path) -> None:
     assert summary.by_url == {"/v1/completions": 5, "/v1/chat/completions": 5, "/v1/embeddings": 1}
 
 
+C = '{"custom_id": "a", "url": "/v1/completions",'      # the start of a bad line
+
+
 @pytest.mark.parametrize(("line", "says"), [
     ("{not json", "line 2: not JSON"),
     ("[1, 2]", "line 2: a JSON list, not an object"),
@@ -62,6 +65,14 @@ def test_a_valid_input_is_counted_by_url(tmp_path: Path) -> None:
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"model": "gpt-4"}}',
      "line 2: body.model 'gpt-4' is not the served model 'tiny'"),
     (json.dumps(request(0)), "line 2: custom_id 'req-0' repeats line 1"),
+    ('{"custom_id": "\\ud800", "url": "/v1/completions", "body": {}}',
+     "line 2: custom_id is not valid Unicode"),
+    (f'{C} "body": {{"temperature": NaN}}}}', "line 2: not JSON (NaN is not"),
+    (f'{C} "body": {{"top_p": -Infinity}}}}', "line 2: not JSON (-Infinity"),
+    (f'{C} "body": {{"seed": {"9" * 5000}}}}}', "line 2: not JSON (Exceeds"),
+    ('{"custom_id": "a", "x": ' + "[" * 100000 + "]" * 100000 + "}", "line 2: not JSON (nested too deeply)"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "p", "stream": true}}',
+     "line 2: body.stream: a streamed answer is not a batch result"),
 ])
 def test_each_bad_line_is_named(line: str, says: str, tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"

@@ -354,3 +354,27 @@ def test_a_bad_output_is_found_at_submit_not_on_the_node(case: str, words: str, 
     (tmp_path / "open").mkdir(mode=0o777)
     (tmp_path / "open").chmod(0o777)
     refused(cli("validate", str(batch_spec(tmp_path, root, output=output)), home=tmp_path), words)
+
+
+def test_an_index_entry_cannot_lead_list_or_cancel_elsewhere(tmp_path: Path) -> None:
+    """The index (~/.slurm_vllm/index) names jobs by id: an entry whose job_id is a path (`../../x`)
+    made `list` delete an arbitrary *.json, one naming another job made `cancel` hit that job. Such
+    entries are skipped, and nothing outside the index is removed."""
+    from slurm_vllm import index
+
+    os.environ["SLURM_VLLM_INDEX"] = str(tmp_path / "index")
+    try:
+        index.record("77", tmp_path / "jobs" / "j-77", PLAN)
+        victim = tmp_path / "keep.json"
+        victim.write_text("{}")
+        entry = json.loads((tmp_path / "index" / "77.json").read_text())
+        (tmp_path / "index" / "x.json").write_text(json.dumps({**entry, "job_id": "../keep"}))
+        (tmp_path / "index" / "78.json").write_text(json.dumps({**entry, "job_id": "99"}))
+        assert [e.job_id for e in index.entries()] == ["77"]
+        assert index.lookup("78") is None and index.lookup("../keep") is None
+        index.forget("../keep")
+        assert victim.exists()
+        out = cli("list", "--all", home=tmp_path)
+        assert out.returncode == 0 and victim.exists(), out
+    finally:
+        del os.environ["SLURM_VLLM_INDEX"]
