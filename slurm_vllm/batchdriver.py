@@ -31,8 +31,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .batchio import check_request, done_ids, lines, repair_fd, request_id, shard_of
-from .batchout import open_output
+from .batchout import check_record, input_digest, open_output, write_record
 from .errors import SlurmVllmError
+from .frontdoor import UnixHTTPConnection
 from .records import BatchProgress
 
 REQUEST_TIMEOUT = 3600.0          # one request may wait this long for its answer (long generations)
@@ -51,6 +52,7 @@ class Driver:
                  concurrency: int, stop: threading.Event, check: Callable[[], None] = lambda: None,
                  report: Callable[[BatchProgress], None] = lambda p: None, report_every: float = 2.0,
                  shard: tuple[int, int] | None = None, also_done: tuple[Path, ...] = ()) -> None:
+        self.socket_path = url.removeprefix("unix:") if url.startswith("unix:") else None   # vLLM's --uds
         parsed = urlparse(url)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
         self.headers = {"Content-Type": "application/json"}
@@ -77,6 +79,14 @@ class Driver:
         """Send every request not yet in the output; return the final counts (finished: all done).
         After a stop, wait at most DRAIN() seconds (asked then) for the requests in flight."""
         fd = open_output(self.output, self.input)     # this user's own file, never a link or the input
+        try:
+            digest = input_digest(self.input)     # every file whose lines count as done answers this input
+            for path in (self.output, *self.also_done):
+                check_record(path, self.input, digest)
+            write_record(self.output, self.input, digest)
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -186,7 +196,8 @@ class Driver:
     def _conn(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self.local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT)
+            conn = (UnixHTTPConnection(self.socket_path, timeout=REQUEST_TIMEOUT) if self.socket_path
+                    else http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT))
             self.local.conn = conn
         return conn
 

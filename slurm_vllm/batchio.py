@@ -293,7 +293,13 @@ def merge(output: Path, parts: Path, input_path: Path, lock_timeout: float = 120
     (idempotent: run it any number of times, while shards still write, and after); when then every
     request of the input at INPUT_PATH has a line, remove the parts. Under an exclusive lock on
     OUTPUT; a half-written last line of a part (its shard is writing) waits for the next merge."""
-    from .batchout import open_output  # (it builds on this module)
+    from .batchout import (  # (builds on this)
+        check_record,
+        input_digest,
+        open_output,
+        record_path,
+        write_record,
+    )
 
     try:
         if not input_path.is_file():
@@ -316,6 +322,10 @@ def merge(output: Path, parts: Path, input_path: Path, lock_timeout: float = 120
         files = sorted(parts.glob("part-*-of-*.jsonl")) if parts.is_dir() else []
         if files:
             verify_parts(parts)
+        digest = input_digest(input_path)     # only lines that answer this input are merged
+        for path in (output, *files):
+            check_record(path, input_path, digest)
+        write_record(output, input_path, digest)
         added = 0
         with done_ids(output) as have:
             for part in files:
@@ -343,6 +353,7 @@ def merge(output: Path, parts: Path, input_path: Path, lock_timeout: float = 120
         if total and present == total and files:
             for part in files:
                 part.unlink(missing_ok=True)
+                record_path(part).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 parts.rmdir()           # something else in it: left alone
             removed = True

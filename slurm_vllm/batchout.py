@@ -6,18 +6,26 @@ usually on shared scratch. A line in the output counts as done, so a file someon
 input itself would make a job report DONE having sent nothing. So: the output is a regular file of
 this user's that no one else can write, never followed as a link, never the input; its folder is one
 others cannot rearrange (theirs to write only with the sticky bit); the parts folder is private.
+
+An output also records which input its lines answer (`.<output>.input`: the input's path and a digest
+of its bytes). Lines left by another batch with the same custom_ids, or by this input before it was
+edited, would count as done with answers to other prompts: an output whose record names another
+input, or that holds lines and no record, is refused.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import stat
 from pathlib import Path
 
+from . import safefile
 from .batchio import BatchInputError, verify_parts
 from .errors import JobFolderError
-from .jobdir import make_private_dir, owner_name
+from .jobdir import atomic_write, make_private_dir, owner_name
 
 
 def check_folder(folder: Path, what: str = "batch.output") -> None:
@@ -69,6 +77,7 @@ def check_output(output: Path, input_path: Path, parts: Path | None = None) -> N
         _check_file(st, output, input_path)
     if parts is not None and os.path.lexists(parts):
         verify_parts(parts)
+    check_record(output, input_path, input_digest(input_path))
 
 
 def open_output(output: Path, input_path: Path) -> int:
@@ -99,3 +108,56 @@ def private_parts(parts: Path) -> None:
         make_private_dir(parts)
     except JobFolderError as exc:
         raise BatchInputError(f"batch.output: {exc}") from None
+
+
+def input_digest(input_path: Path) -> str:
+    """A digest of the input's bytes (BLAKE2b, streamed)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(input_path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.input")
+
+
+def check_record(output: Path, input_path: Path, digest: str) -> None:
+    """OUTPUT's lines (if it has any) answer this input (DIGEST), by its record; else refused."""
+    try:
+        if os.lstat(output).st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    record = record_path(output)
+    again = "choose another output, or remove it (and its record) to start again"
+    try:
+        data = json.loads(safefile.read_text(record, 4096))
+    except FileNotFoundError:
+        raise BatchInputError(f"batch.output: {output} holds results with no record of their input "
+                              f"(another batch's?): {again}") from None
+    except (JobFolderError, ValueError) as exc:
+        raise BatchInputError(f"batch.output: its record {record}: {exc}") from None
+    if not isinstance(data, dict) or data.get("input_digest") != digest:
+        named = data.get("input") if isinstance(data, dict) else None
+        same = named == str(input_path.resolve())
+        raise BatchInputError(f"batch.output: {output} holds results of "
+                              f"{'this input before it changed' if same else f'another input ({named})'}: "
+                              f"{again}")
+
+
+def write_record(output: Path, input_path: Path, digest: str) -> None:
+    """Record that OUTPUT answers the input at INPUT_PATH (DIGEST): before its first line."""
+    record = record_path(output)
+    text = json.dumps({"input": str(input_path.resolve()), "input_digest": digest}) + "\n"
+    try:
+        if safefile.read_text(record, 4096) == text:
+            return
+    except FileNotFoundError:
+        pass
+    except JobFolderError as exc:
+        raise BatchInputError(f"batch.output: its record {record}: {exc}") from None
+    if os.path.islink(record):
+        raise BatchInputError(f"batch.output: its record {record} is a link: refused")
+    atomic_write(record, text, mode=0o600)

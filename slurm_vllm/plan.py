@@ -221,10 +221,11 @@ def ray_argv(plan: Plan, ports: Ports, ip: str, head_address: str | None, cpus: 
 
 
 def vllm_argv(plan: Plan, ip: str, port: int, master: tuple[str, int] | None = None,
-              node_rank: int = 0) -> list[str]:
+              node_rank: int = 0, uds: str | None = None) -> list[str]:
     """`vllm serve` on the head (Ray executor; or, for backend mp, node rank 0 of vLLM's own
     launcher, MASTER: the head's address and the job's master port), or on node NODE_RANK > 0 of
-    the mp backend (headless: no API server; IP and PORT are not used)."""
+    the mp backend (headless: no API server; IP and PORT are not used). With UDS the API server
+    listens on that Unix socket only (the front door faces the network: frontdoor.py)."""
     argv = ["vllm", "serve", plan.model_path, "--served-model-name", plan.served_name,
             "--tensor-parallel-size", str(plan.tp), "--pipeline-parallel-size", str(plan.pp),
             "--distributed-executor-backend", plan.backend]
@@ -235,4 +236,5 @@ def vllm_argv(plan: Plan, ip: str, port: int, master: tuple[str, int] | None = N
                  "--master-port", str(master[1])]
         if node_rank > 0:
             return [*argv, "--headless", *plan.vllm_args]
-    return [*argv, "--host", ip, "--port", str(port), *plan.vllm_args]
+    where = ["--uds", uds] if uds else ["--host", ip, "--port", str(port)]
+    return [*argv, *where, *plan.vllm_args]

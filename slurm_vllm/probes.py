@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
-import urllib.error
-import urllib.request
+import urllib.parse
 
 from .errors import ServeError
+from .frontdoor import UnixHTTPConnection
 from .records import RayNode
 
 # Run inside the container with its Python: the alive Ray nodes, with their IPs and GPUs.
@@ -63,25 +64,33 @@ def parse_ray_nodes(output: str) -> tuple[RayNode, ...] | None:
 
 
 class Http:
-    """Requests to vLLM's OpenAI server at URL, with its API key."""
+    """Requests to vLLM's OpenAI server at URL (`http://host:port`, or `unix:/path` for its private
+    socket), with its API key."""
 
     def __init__(self, url: str, key: str | None) -> None:
         self.url = url
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.url.startswith("unix:"):
+            return UnixHTTPConnection(self.url.removeprefix("unix:"), timeout=timeout)
+        parsed = urllib.parse.urlparse(self.url)
+        return http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=timeout)
+
     def __call__(self, path: str, body: dict[str, object] | None = None,
                  timeout: float = 30) -> tuple[int, str]:
         """(status, text); status 0 when nothing answers within TIMEOUT seconds."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, headers={
-            **self.headers, **({"Content-Type": "application/json"} if data else {})})
+        headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
+        conn = self.connection(timeout)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), exc.read().decode(errors="replace")
-        except OSError:
+            conn.request("POST" if data is not None else "GET", path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return int(resp.status), resp.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException):
             return 0, ""
+        finally:
+            conn.close()
 
     def healthy(self) -> bool:
         return self("/health")[0] == 200

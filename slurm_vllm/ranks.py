@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -33,7 +34,8 @@ from .batchio import merge, part_path
 from .batchout import private_parts
 from .container import Runtime, env_file_text
 from .errors import ClusterError, ServeError
-from .jobdir import JobDir, atomic_write, read_secret, write_secret
+from .frontdoor import FrontDoor
+from .jobdir import JobDir, atomic_write, make_private_dir, read_secret, write_secret
 from .jobenv import JobEnv
 from .netid import Identity, identity, interface_network
 from .plan import Plan, Ports, ray_argv, vllm_argv
@@ -48,6 +50,8 @@ POLL = 0.5          # seconds between two looks at a fact (port, Ray, HTTP); nev
 BATCH_DRAIN = 50.0  # after SIGUSR2 (90 s before the limit), wait this long for the requests in flight
 CANCEL_DRAIN = 5.0  # after a cancel: Slurm's KillWait (30 s by default) covers this and the teardown
 STOP_RACE = 3.0     # scancel signals every process of the step at once: vLLM may go before the rank hears
+API_SOCKET = "api.sock"   # vLLM's API server (--uds), in a folder only this user can enter
+MAX_SOCKET_PATH = 100      # a Unix socket's path is at most 107 bytes
 
 
 class Rank:
@@ -70,6 +74,8 @@ class Rank:
         self.watchdog = Watchdog()           # cleans up after this rank if it is killed outright
         self.done_detail = ""                # what a job that ended by itself says (a batch's summary)
         self.serving = False                 # vLLM answered the readiness probes
+        self.socket_dir = self.jd.path               # where vLLM's API socket is (private_socket_dir)
+        self.door: FrontDoor | None = None       # the endpoint's front door (serve mode, rank 0)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -196,10 +202,22 @@ class Rank:
         return choose_ports(self.plan, self.job.job_id, port_free, socket.gethostname(),
                             claim=self.claims.claim)
 
+    def private_socket_dir(self) -> Path:
+        """Where vLLM's API socket goes: the job folder (0700: only this user can connect), or, when
+        that path is too long for a Unix socket (108 bytes), a 0700 folder of this user's in the
+        node's /tmp, bound into the container like the job folder."""
+        if len(str(self.jd.path / API_SOCKET)) <= MAX_SOCKET_PATH:
+            return self.jd.path
+        folder = Path("/tmp") / f"slurm-vllm-{os.geteuid()}-{self.job.job_id}"
+        make_private_dir(folder)
+        return folder
+
     def make_runtime(self, ident: Identity, ports: Ports) -> Runtime:
         self.env = self.environment(ident, ports)
         env_file = self.write_env_file(f"rank-{self.rank}", self.env)
-        binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}")
+        self.socket_dir = self.private_socket_dir()
+        binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}",
+                 *([] if self.socket_dir == self.jd.path else [f"{self.socket_dir}:{self.socket_dir}"]))
         name = f"slurm-vllm-{self.job.job_id}-{self.rank}"
         runtime = Runtime(self.spec.container, name, env_file, binds, self.job.gpus,
                           infiniband=self.spec.nccl.ib_hca is not None)
@@ -230,8 +248,13 @@ class Rank:
     def teardown(self) -> None:
         """Stop every child (SIGTERM, SIGKILL after 10 s; a vLLM that is still loading at once:
         it ignores SIGTERM then, and nothing of it is worth saving), remove the containers."""
+        if self.door is not None:              # no new request reaches a vLLM that is stopping
+            self.door.stop()
         proc.kill([c for c in self.children if c.name == "vllm" and not self.serving])
         proc.terminate_all(self.children, timeout=10)
+        (self.socket_dir / API_SOCKET).unlink(missing_ok=True)
+        if self.socket_dir != self.jd.path:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
         if self.runtime is not None:
             remove = self.runtime.remove(("", "-preflight"))
             if remove:
@@ -282,12 +305,23 @@ class Head(Rank):
         config_root.mkdir(exist_ok=True)
         atomic_write(config_root / NON_CARRY_OVER, json.dumps(["VLLM_API_KEY"]) + "\n")
         server_env = self.write_env_file("vllm-0", server_environment(self.env, key, config_root))
-        host = "127.0.0.1" if self.plan.mode == "batch" else ident.ip   # a batch's server is private
+        # vLLM's API server listens on a Unix socket only this user can reach; a serving job's
+        # endpoint is the front door on this node's address (the key on every route), a batch's
+        # driver talks to the socket itself (nothing on the network at all).
+        sock = self.socket_dir / API_SOCKET
+        sock.unlink(missing_ok=True)              # a requeued run's, or a killed one's
+        url = f"unix:{sock}"
+        if self.plan.mode != "batch":
+            self.door = FrontDoor(ident.ip, ports.api, str(sock), key)
+            try:
+                self.door.start()
+            except OSError as exc:
+                raise ServeError(f"the endpoint's port {ident.ip}:{ports.api}: {exc.strerror}") from None
+            url = f"http://{ident.ip}:{ports.api}"
         if self.plan.backend == "mp":
-            self.bring_up_mp(ident, ports, host, server_env)
+            self.bring_up_mp(ident, ports, str(sock), server_env)
         else:
-            self.bring_up_ray(ident, ports, host, server_env)
-        url = f"http://{host}:{ports.api}"
+            self.bring_up_ray(ident, ports, str(sock), server_env)
         self.wait_ready(url)
         if self.plan.mode == "batch":
             self.run_batch(url, key)
@@ -301,13 +335,13 @@ class Head(Rank):
             self.check_workers()
             self.stop.wait(1.0)
 
-    def bring_up_ray(self, ident: Identity, ports: Ports, host: str, server_env: Path) -> None:
+    def bring_up_ray(self, ident: Identity, ports: Ports, sock: str, server_env: Path) -> None:
         """The Ray head, then `vllm serve` at once (pipelined: its imports and engine set-up overlap
         the workers' join, it waits for its placement group); the barrier still fails the job at
         once if a worker fails, and if vLLM dies while it waits."""
         assert self.runtime is not None
         self.start_ray_head(ident, ports)
-        argv = vllm_argv(self.plan, host, ports.api)
+        argv = vllm_argv(self.plan, ident.ip, ports.api, uds=sock)
         self.spawn("vllm", self.runtime.exec(argv, server_env), server_env)
         nodes = self.join(ident, ports)
         self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} on "
@@ -330,14 +364,14 @@ class Head(Rank):
         self.check_network(ident, nodes)
         return nodes
 
-    def bring_up_mp(self, ident: Identity, ports: Ports, host: str, server_env: Path) -> None:
+    def bring_up_mp(self, ident: Identity, ports: Ports, sock: str, server_env: Path) -> None:
         """backend mp: no Ray. head.json names the master (this node's address, the job's planned
         GCS port as vLLM's master port); `vllm serve --node-rank 0` starts here, and each worker
         starts its headless `vllm serve --node-rank R` as soon as head.json is there. vLLM's own
         rendezvous is the barrier; a worker's failure file fails the job while it waits."""
         assert self.runtime is not None
         self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
-        argv = vllm_argv(self.plan, host, ports.api, master=(ident.ip, ports.gcs), node_rank=0)
+        argv = vllm_argv(self.plan, ident.ip, ports.api, master=(ident.ip, ports.gcs), node_rank=0, uds=sock)
         self.spawn("vllm", self.runtime.start(argv, env_file=server_env), server_env)
         self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} (backend mp, "
                                            f"master {ident.ip}:{ports.gcs}) on {len(self.job.hosts)} nodes")

@@ -19,6 +19,7 @@ import pytest
 
 from slurm_vllm.batchdriver import BatchError, Driver
 from slurm_vllm.batchio import BatchInputError, done_ids, merge, part_path, repair, shard_of, validate
+from slurm_vllm.batchout import input_digest, write_record
 from slurm_vllm.errors import ServeError
 from slurm_vllm.slurm import array_ids
 
@@ -36,6 +37,12 @@ def request(i: int, url: str = "/v1/completions", **body: Any) -> dict[str, Any]
 def write_input(path: Path, reqs: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
     return path
+
+
+def answers(inp: Path, *outputs: Path) -> None:
+    """Record that the result files OUTPUTS (written by hand) answer the input INP, as a run would."""
+    for out in outputs:
+        write_record(out, inp, input_digest(inp))
 
 
 def results(path: Path) -> list[dict[str, Any]]:
@@ -355,6 +362,7 @@ def test_a_merge_skips_a_half_written_line_and_never_duplicates(tmp_path: Path) 
 
     (parts / "part-0-of-2.jsonl").write_text(line(0) + "\n" + line(1)[:20])     # its shard is writing
     (parts / "part-1-of-2.jsonl").write_text(line(2) + "\n" + line(3) + "\n")
+    answers(inp, parts / "part-0-of-2.jsonl", parts / "part-1-of-2.jsonl")
     first = merge(out, parts, inp)
     assert (first.added, first.present, first.removed) == (3, 3, False)
     assert "1 requests without a result yet; parts kept" in first.line()
@@ -372,6 +380,7 @@ def test_a_shard_resumes_from_the_merged_output_and_its_part(server: FakeVllm, t
     out = tmp_path / "out.jsonl"
     out.write_text("".join(json.dumps({"custom_id": r["custom_id"], "response": {}, "error": None}) + "\n"
                            for r in mine[:5]))                         # merged earlier
+    answers(inp, out)
     parts = tmp_path / "parts"
     parts.mkdir()
     progress = Driver(server.url, "sk", inp, part_path(parts, 0, 2), "tiny", 4, threading.Event(),
@@ -403,6 +412,7 @@ def test_the_merge_verb_merges_on_demand_from_the_spec(tmp_path: Path,
     (parts / "part-1-of-2.jsonl").write_text("".join(
         json.dumps({"id": f"b{i}", "custom_id": f"req-{i}", "response": {}, "error": None}) + "\n"
         for i in (0, 2)))
+    answers(inp, parts / "part-1-of-2.jsonl")
     assert cli.main(["merge", str(spec)]) == 0
     said = capsys.readouterr().out.strip()
     assert said == (f"merged 1 parts into {out}: 2 lines added, 2/3 requests have a result (1 requests "

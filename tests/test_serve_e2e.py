@@ -13,11 +13,12 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from .support.cli import chat, cli, expected, status, wait_stage
+from .support.cli import chat, cli, expected, open_routes, status, wait_stage
 from .support.specs import CONFIGS, derive
 from .support.testbed import (
     auto_kernels,
     env_delivery_problems,
+    in_node,
     leftovers,
     node_process_env,
     node_processes,
@@ -67,6 +68,14 @@ def submit_wait(config: str) -> tuple[str, Path]:
     assert rendered.returncode == 0, rendered.stderr
     assert (job_dir / "job.sbatch").read_text() == rendered.stdout
     return job["job_id"], job_dir
+
+
+def api_listeners(job: str, port: int | None) -> list[str]:
+    """The TCP addresses the job's head node listens on at PORT (the endpoint's), by whichever
+    process: the front door alone (vLLM itself serves a Unix socket only)."""
+    head = int(allocation(job)[0].removeprefix("node"))
+    out = subprocess.run(in_node(head, ["ss", "-Htln"]), capture_output=True, text=True, check=True).stdout
+    return sorted(line.split()[3] for line in out.splitlines() if line.split()[3].endswith(f":{port}"))
 
 
 def first_node_ip(job: str) -> str:
@@ -121,6 +130,10 @@ def test_docker_pipeline_parallel_endpoint(testbed: dict[str, str]) -> None:
         import openai
         with pytest.raises(openai.AuthenticationError):
             chat(endpoint, None)
+        # the key guards every route vLLM serves, not only /v1/* (/invocations, /tokenize, /metrics)
+        base = endpoint["url"].removesuffix("/v1")
+        assert open_routes(base, key) == []
+        assert api_listeners(job, urlparse(base).port) == [f"{first_node_ip(job)}:{urlparse(base).port}"]
         plan = json.loads((job_dir / "plan.json").read_text())
         assert (plan["tp"], plan["pp"]) == (1, 2)
         assert_vllm_workers_on(job)                     # one pipeline stage on each node
@@ -270,6 +283,7 @@ def test_mp_backend_serves_across_nodes_without_ray(runtime: str, testbed: dict[
         endpoint = json.loads(cli("endpoint", job, "--json").stdout)
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])
+        assert open_routes(endpoint["url"].removesuffix("/v1"), key) == []
     finally:
         idle = cancel_and_check_clean(job)
         print(f"backend mp: nodes idle {idle:.1f} s after cancel")

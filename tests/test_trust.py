@@ -378,3 +378,30 @@ def test_an_index_entry_cannot_lead_list_or_cancel_elsewhere(tmp_path: Path) -> 
         assert out.returncode == 0 and victim.exists(), out
     finally:
         del os.environ["SLURM_VLLM_INDEX"]
+
+
+def test_an_output_answers_one_input_only(tmp_path: Path, scratch: Path) -> None:
+    """Lines of another batch with the same custom_ids (or of this input before it was edited) would
+    count as done with answers to other prompts. The output records its input (path and digest):
+    another input's output, or one with lines and no record, is refused at validate and on the node."""
+    from slurm_vllm.batchdriver import Driver
+    from slurm_vllm.batchio import BatchInputError
+    from slurm_vllm.batchout import input_digest, record_path, write_record
+
+    spec = batch_spec(tmp_path, scratch)
+    inp, out = tmp_path / "in.jsonl", scratch / "b.results.jsonl"
+    other = tmp_path / "other.jsonl"
+    other.write_text(inp.read_text().replace('"p"', '"another prompt"'))
+    out.write_text("".join(json.dumps({"custom_id": f"c{i}", "response": {}, "error": None}) + "\n"
+                           for i in range(3)))
+    out.chmod(0o600)
+    refused(cli("validate", str(spec), home=tmp_path), "holds results with no record of their input")
+    write_record(out, other, input_digest(other))
+    assert record_path(out).stat().st_mode & 0o777 == 0o600
+    refused(cli("validate", str(spec), home=tmp_path), f"holds results of another input ({other})")
+    with pytest.raises(BatchInputError, match="another input"):
+        Driver("http://127.0.0.1:9", None, inp, out, "m", 1, threading.Event()).run()
+    write_record(out, inp, input_digest(inp))
+    assert cli("validate", str(spec), home=tmp_path).returncode == 0
+    inp.write_text(inp.read_text().replace('"p"', '"edited"'))
+    refused(cli("validate", str(spec), home=tmp_path), "holds results of this input before it changed")

@@ -46,3 +46,36 @@ def chat(endpoint: dict[str, Any], key: str | None, question: str = QUESTION) ->
 
 def expected(model: str, question: str = QUESTION) -> str:
     return greedy_chat(model, question)
+
+
+def open_routes(url: str, key: str) -> list[str]:
+    """Every route vLLM lists in its /openapi.json (read with KEY), tried without a key at URL (the
+    endpoint's http://host:port): those that answer anything but 401, as `METHOD path status`.
+    GET /health is left out (open by design: it tells nothing of the model)."""
+    import urllib.error
+    import urllib.request
+
+    def call(method: str, path: str, with_key: bool) -> tuple[int, bytes]:
+        data = b"{}" if method in ("POST", "PUT", "PATCH") else None
+        req = urllib.request.Request(url + path, data=data, method=method, headers={
+            "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if with_key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    status, spec = call("GET", "/openapi.json", True)
+    assert status == 200, status
+    paths: dict[str, dict[str, object]] = json.loads(spec)["paths"]
+    assert len(paths) > 5, sorted(paths)
+    open_ = []
+    for path, methods in paths.items():
+        concrete = "/".join("x" if part.startswith("{") else part for part in path.split("/"))
+        for method in methods:
+            if (method.upper(), path) == ("GET", "/health"):
+                continue
+            code, _ = call(method.upper(), concrete, False)
+            if code != 401:
+                open_.append(f"{method.upper()} {path} {code}")
+    return open_
