@@ -25,21 +25,14 @@ from pathlib import Path
 from . import safefile
 from .batchio import BatchInputError, verify_parts
 from .errors import JobFolderError
-from .jobdir import atomic_write, make_private_dir, owner_name
+from .jobdir import atomic_write, folder_problem, make_private_dir, owner_name
 
 
 def check_folder(folder: Path, what: str = "batch.output") -> None:
     """FOLDER exists, is a folder this user can write, and others cannot rearrange it."""
-    try:
-        st = os.stat(folder)
-    except OSError as exc:
-        raise BatchInputError(f"{what}: its folder {folder}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise BatchInputError(f"{what}: {folder} is not a folder")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise BatchInputError(f"{what}: its folder {folder} is writable by group or others without the "
-                              f"sticky bit (mode {stat.S_IMODE(st.st_mode):o}): others could replace the "
-                              f"output; use a folder of your own")
+    problem = folder_problem(folder)
+    if problem:
+        raise BatchInputError(f"{what}: its folder {problem}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BatchInputError(f"{what}: its folder {folder} is not writable by you")
 

@@ -64,22 +64,32 @@ def make_private_dir(path: Path) -> None:
         verify(path, "folder")
 
 
+def folder_problem(path: Path) -> str | None:
+    """Why PATH cannot hold this user's files safely (it is missing, not a folder, or others can
+    rename or remove its entries: writable by them without the sticky bit), or None. A shared folder
+    with the sticky bit (1777, as /tmp) is fine: there only an entry's owner may move it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return (f"{path} is writable by group or others without the sticky bit (mode "
+                f"{stat.S_IMODE(st.st_mode):o}): others could replace your files there")
+    return None
+
+
 def prepare_jobs_root(root: Path) -> None:
-    """Make ROOT (0700) if missing; refuse one that others could rearrange. A shared jobs_root
-    (/scratch/jobs) is fine when it has the sticky bit, as /tmp does: there only an entry's owner may
-    rename or remove it, so a private folder made in it stays the one made. Without it, anyone who can
-    write ROOT can move your folders away and put their own in place between a check and a use."""
+    """Make ROOT (0700) if missing; refuse one that others could rearrange (folder_problem): there
+    anyone could move your folders away and put their own in place between a check and a use."""
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.stat(root)
     except OSError as exc:
         raise SpecError(f"jobs_root: cannot create {root}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise SpecError(f"jobs_root: {root} is not a folder")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise SpecError(f"jobs_root: {root} is writable by group or others without the sticky bit "
-                             f"(mode {stat.S_IMODE(st.st_mode):o}): others could replace your files there; "
-                             f"use a folder of your own in it, or ask for chmod +t")
+    problem = folder_problem(root)
+    if problem:
+        raise SpecError(f"jobs_root: {problem}; use a folder of your own in it, or ask for chmod +t")
 
 
 @dataclass(frozen=True)
