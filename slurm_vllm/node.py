@@ -21,7 +21,7 @@ from . import spec as spec_mod
 from .errors import JobFolderError, SlurmVllmError
 from .jobdir import JobDir, atomic_write, link_job_id
 from .jobenv import JobEnv, shown_job_id
-from .rankenv import final_stage, outcome, redact, task_death
+from .rankenv import cancel_or_task_death, final_stage, outcome, redact
 from .ranks import Head, Rank, Worker
 from .records import RankFailure, Stage
 from .slurm import still_running
@@ -52,8 +52,9 @@ def main(job_dir: str) -> int:
         jd.done.touch()           # workers stop when they see it
         failures = [RankFailure.read(f) for f in jd.failed_ranks()]
         stage, detail = final_stage(stage, detail, failures)
-        if stage == Stage.CANCELLED and still_running(str(job.job_id)):   # not scancel: a task died
-            stage, detail = Stage.FAILED, task_death(_batch_output(jd))
+        if stage == Stage.CANCELLED:
+            stage, detail = cancel_or_task_death(stage, detail, still_running(str(job.job_id)),
+                                                 lambda: _batch_output(jd))
         if stage == Stage.TIMEOUT and jd.requeue_mark.exists():         # a batch goes on in a next run
             stage, detail = Stage.PENDING, f"time limit: {detail}"
     elif stage == Stage.FAILED:

@@ -120,6 +120,16 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def cancel_or_task_death(stage: Stage, detail: str, job_running: bool,
+                         output: Callable[[], str]) -> tuple[Stage, str]:
+    """The head heard a stop (CANCELLED). If Slurm still runs the job, it was no scancel: srun ended
+    the step because a task died (the OOM killer, a node program killed): FAILED, with what srun
+    said in the batch step's OUTPUT (read only then)."""
+    if stage == Stage.CANCELLED and job_running:
+        return Stage.FAILED, task_death(output())
+    return stage, detail
+
+
 def final_stage(stage: Stage, detail: str, failures: list[RankFailure]) -> tuple[Stage, str]:
     """The job's final stage, as the head writes it: a worker rank's failure wins over the head's
     own outcome (the head then only saw its consequence), unless the head failed itself."""

@@ -27,13 +27,13 @@ from types import FrameType
 import yaml
 
 from . import preflight as preflight_mod
-from . import proc
+from . import proc, safefile
 from . import spec as spec_mod
 from .batchdriver import BatchError, Driver
 from .batchio import merge, part_path
 from .batchout import private_parts
 from .container import Runtime, env_file_text
-from .errors import ClusterError, ServeError
+from .errors import ClusterError, JobFolderError, ServeError
 from .frontdoor import FrontDoor
 from .jobdir import JobDir, atomic_write, make_private_dir, read_secret, write_secret
 from .jobenv import JobEnv
@@ -118,11 +118,13 @@ class Rank:
         """secret_env: each file's content, read here on the node (never on the login node)."""
         out = {}
         for key, path in self.spec.secret_env.items():
-            try:
-                out[key] = read_secret(Path(path).expanduser())
+            try:      # the user's own file, where they keep it: a regular file, bounded
+                out[key] = safefile.read_input(Path(path).expanduser(), 1 << 16).decode().strip()
             except OSError as exc:
                 raise ClusterError(f"secret_env.{key}: cannot read {path} on {socket.gethostname()}: "
                                    f"{exc.strerror}") from exc
+            except ValueError as exc:
+                raise ClusterError(f"secret_env.{key}: {path} on {socket.gethostname()}: {exc}") from None
         return out
 
     def environment(self, ident: Identity, ports: Ports) -> dict[str, str]:
@@ -143,7 +145,7 @@ class Rank:
         for path in (self.jd.api_key, self.jd.ray_token):
             try:
                 found.append(read_secret(path))
-            except OSError:
+            except (OSError, JobFolderError):
                 continue
         return [v for v in found if v]
 
