@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -327,6 +328,21 @@ def load(spec: JobSpec | str | Path) -> tuple[JobSpec, Plan]:
     return job_spec, plan_mod.make(job_spec)
 
 
+class NetworkNotice(UserWarning):
+    """What other users on the cluster's network can see of a submitted multi-node job."""
+
+
+def network_notice(plan: Plan) -> str | None:
+    """What other users on the nodes' network can see of a multi-node job (None for one node): said
+    at validate and submit until vLLM's inter-node traffic can be protected (README: Security)."""
+    if plan.nodes < 2:
+        return None
+    return (f"this job spans {plan.nodes} nodes: vLLM's traffic between them (the engine's ZeroMQ "
+            f"broadcast of each request's tokens, torch.distributed) carries no authentication or "
+            f"encryption, so other users on the nodes' network can read prompts; see README, "
+            f"'Multi-node traffic'")
+
+
 def check_batch_input(spec: JobSpec, plan: Plan) -> InputSummary | None:
     """A batch job's whole input, checked streaming before anything is submitted (BatchInputError,
     exit 2, names the lines); None for a serving job."""
@@ -361,6 +377,9 @@ def submit(spec: JobSpec | str | Path, preflight_only: bool = False,
     else:
         check_batch_input(job_spec, plan)
     job_id, folder = sbatch(job_spec, plan)
+    notice = network_notice(plan)
+    if notice:
+        warnings.warn(NetworkNotice(notice), stacklevel=2)
     if plan.shards > 1:
         shards = []
         for k in range(plan.shards):

@@ -27,7 +27,7 @@ def _job(args: argparse.Namespace) -> Job | ArrayJob:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .api import check_batch_input, load
+    from .api import check_batch_input, load, network_notice
     from .render import sbatch_text
 
     spec, plan = load(args.spec)
@@ -42,6 +42,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         urls = ", ".join(f"{n} {u}" for u, n in sorted(batch.by_url.items()))
         print(f"ok: batch input {spec.batch.input}: {batch.requests} requests ({urls}); results to "
               f"{spec.batch_output}")
+    notice = network_notice(plan)
+    if notice:
+        print(f"slurm_vllm: notice: {notice}", file=sys.stderr)
     return 0
 
 
@@ -286,7 +289,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _warn(message: warnings.WarningMessage | Warning | str, *rest: object, **kw: object) -> None:
-    print(f"slurm_vllm: warning: {message}", file=sys.stderr)
+    kind = "notice" if type(message).__name__ == "NetworkNotice" else "warning"
+    print(f"slurm_vllm: {kind}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,9 +160,12 @@ class ContainerSpec:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The one interface per node that Ray, vLLM, NCCL and Gloo use (null: the route to the head)."""
+    """The one interface per node that Ray, vLLM, NCCL and Gloo use (null: the route to the head), and
+    whether other users share that network (`trusted: false`: a multi-node job is refused, since
+    vLLM's traffic between nodes carries no authentication or encryption)."""
 
     interface: str | None = None
+    trusted: bool = True
 
 
 @dataclass(frozen=True)
@@ -437,6 +440,11 @@ def _check(spec: JobSpec) -> None:
             raise SpecError(f"container.options[{i}]: --name is set by slurm_vllm (cleanup finds the "
                             f"containers by it)")
     _check_batch(spec)
+    if not spec.network.trusted and spec.slurm.nodes > 1:
+        raise SpecError(f"network.trusted: false, and slurm.nodes is {spec.slurm.nodes}: vLLM's traffic "
+                        f"between nodes (every prompt's tokens) would be readable by other users on that "
+                        f"network; use 1 node, or an interface only your job's nodes share "
+                        f"(README: 'Multi-node traffic')")
     iface = spec.network.interface
     if iface is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}", iface):
         raise SpecError(f"network.interface: {iface!r} is not an interface name (e.g. ib0, eth1)")

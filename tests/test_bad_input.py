@@ -161,6 +161,8 @@ VALUES: list[tuple[str, object, str]] = [
     ("jobs_root", 3, "jobs_root"),
     ("jobs_root", "/j\n", "jobs_root"),
     ("jobs_root", "/scratch/%u/jobs", "jobs_root: '/scratch/%u/jobs': '%' is not allowed"),
+    ("network", {"trusted": False}, "network.trusted: false, and slurm.nodes is 2"),
+    ("network.trusted", "no", "network.trusted"),
     ("ready_timeout", 1, "ready_timeout"),
     ("ready_timeout", 10**9, "ready_timeout"),
     ("ready_timeout", "1h", "ready_timeout"),

@@ -111,3 +111,18 @@ def test_every_config_validates(path: Path, tmp_path: Path) -> None:
     out = cli("validate", str(path), env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok: ")
+
+
+def test_a_multi_node_spec_says_what_other_users_can_see(tmp_path: Path) -> None:
+    """validate (and submit) say in one line that a multi-node job's inter-node traffic is readable by
+    other users on the nodes' network, with the README's section; a 1-node job says nothing of it."""
+    for nodes, said in ((2, True), (1, False)):
+        spec = tmp_path / f"n{nodes}.yaml"
+        spec.write_text(f"name: t\nmodel: {{path: /m}}\nslurm: {{nodes: {nodes}, gpus_per_node: 4}}\n")
+        out = cli("validate", str(spec))
+        assert out.returncode == 0, out.stderr
+        notices = [line for line in out.stderr.splitlines() if line.startswith("slurm_vllm: notice: ")]
+        assert len(notices) == (1 if said else 0), out.stderr
+        if said:
+            assert "spans 2 nodes" in notices[0] and "can read prompts" in notices[0]
+            assert "'Multi-node traffic'" in notices[0]

@@ -64,6 +64,8 @@ def submit_wait(config: str) -> tuple[str, Path]:
     job = json.loads(first)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + logs(job.get("job_dir", ""))
     job_dir = Path(job["job_dir"])
+    multi_node = json.loads((job_dir / "plan.json").read_text())["nodes"] > 1
+    assert ("slurm_vllm: notice: this job spans" in out.stderr) == multi_node, out.stderr
     rendered = cli("render", str(CONFIGS / config))
     assert rendered.returncode == 0, rendered.stderr
     assert (job_dir / "job.sbatch").read_text() == rendered.stdout
