@@ -25,7 +25,7 @@ class Stopped(SlurmVllmError):
 
 
 def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mapping[str, str],
-                head_gcs: int | None = None) -> dict[str, str]:
+                head_gcs: int | None = None, autoscaler_metrics: int | None = None) -> dict[str, str]:
     """What Ray and vLLM see on this node (inside the container): the spec's env, the node's one
     identity, Ray's token auth and SECRETS. The head (HEAD_GCS set) also gets RAY_ADDRESS, so that
     `vllm serve` joins this job's Ray and never starts its own."""
@@ -46,6 +46,8 @@ def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mappin
     })
     if head_gcs is not None:
         env["RAY_ADDRESS"] = f"{ident.ip}:{head_gcs}"
+    if autoscaler_metrics is not None:   # the job's own port, not Ray's fixed 44217 on every head
+        env["AUTOSCALER_METRIC_PORT"] = str(autoscaler_metrics)
     return env
 
 

@@ -130,7 +130,8 @@ class Rank:
     def environment(self, ident: Identity, ports: Ports) -> dict[str, str]:
         """What Ray and vLLM see on this node (rankenv.environment with this rank's secrets)."""
         return environment(self.spec, ident, self.jd.ray_token, self.secrets(),
-                           head_gcs=ports.gcs if self.rank == 0 and self.plan.backend == "ray" else None)
+                           head_gcs=ports.gcs if self.rank == 0 and self.plan.backend == "ray" else None,
+                           autoscaler_metrics=ports.autoscaler_metrics)
 
     def write_env_file(self, name: str, env: dict[str, str]) -> Path:
         """ENV as env/NAME.env (0600), the file a container reads its environment from."""

@@ -38,7 +38,7 @@ URL_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 # Variables slurm_vllm sets for Ray and vLLM on every node (rankenv.environment): env and secret_env
 # may not set them (a secret_env file could otherwise switch Ray's token auth off).
 MANAGED_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USAGE_STATS_ENABLED", "RAY_ADDRESS",
-               "VLLM_HOST_IP", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"}
+               "VLLM_HOST_IP", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "AUTOSCALER_METRIC_PORT"}
 SECRET_PAIRS = {("ACCESS", "KEY"), ("SECRET", "KEY"), ("PRIVATE", "KEY"), ("API", "KEY"),
                 ("CONNECTION", "STRING"), ("SESSION", "TOKEN")}
 SECRET_URL_OWNERS = {"DATABASE", "DB", "POSTGRES", "POSTGRESQL", "MYSQL", "REDIS", "MONGO", "MONGODB", "AMQP",

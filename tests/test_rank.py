@@ -245,3 +245,15 @@ def test_teardown_kills_the_orphans_of_a_child_that_died(tmp_path: Path) -> None
     while not gone():
         assert time.monotonic() - t0 < 9, f"orphan {orphan} still running"
         time.sleep(0.05)
+
+
+def test_rays_autoscaler_monitor_listens_on_the_jobs_own_port(tmp_path: Path) -> None:
+    """Ray's monitor binds 44217 on every head unless told: two jobs' heads on one node collided
+    there. Each job gives it a port of its block, probed free with the others."""
+    s = make_spec("none")
+    p1, p2 = (plan.ports(plan.make(s, {}), job) for job in (1, 2))
+    assert p1.autoscaler_metrics != p2.autoscaler_metrics and 44217 not in (p1.autoscaler_metrics,
+                                                                           p2.autoscaler_metrics)
+    assert p1.autoscaler_metrics in p1.all()
+    env = environment(s, IDENT, tmp_path / "t", {}, head_gcs=p1.gcs, autoscaler_metrics=p1.autoscaler_metrics)
+    assert env["AUTOSCALER_METRIC_PORT"] == str(p1.autoscaler_metrics)

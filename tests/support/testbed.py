@@ -167,3 +167,57 @@ def env_delivery_problems(nodes: list[str], runtime: str, secrets: list[str]) ->
             shown = subprocess.run(inspect, capture_output=True, text=True).stdout
             problems += [f"{node}: `{runtime} inspect {name}` shows a secret" for s in secrets if s in shown]
     return problems
+
+
+def listening(i: int) -> set[tuple[str, int, str]]:
+    """(address, port, program) of every TCP socket listening in test-bed node I's namespace."""
+    import re
+
+    out = subprocess.run(in_node(i, ["ss", "-Htlnp"]), capture_output=True, text=True, check=True).stdout
+    found = set()
+    for line in out.splitlines():
+        local = line.split()[3]
+        addr, _, port = local.rpartition(":")
+        m = re.search(r'users:\(\("([^"]+)",pid=(\d+)', line)
+        found.add((addr.strip("[]"), int(port), m.group(1) if m else "?"))
+    return found
+
+
+# Run inside a stranger's node: which of the targets (host:port) accept a TCP connection, and how many
+# messages a plain ZeroMQ SUB socket, subscribed to everything, receives from each in SECONDS that are
+# pickled Python objects (vLLM's engine broadcast: SchedulerOutput with each request's token ids).
+# A non-ZeroMQ server's bytes (an HTTP server's 400 page, parsed by ZeroMQ's old raw framing) are
+# not counted.
+STRANGER = """
+import json, socket, sys, time
+import zmq
+targets, seconds = json.loads(sys.argv[1]), float(sys.argv[2])
+reach = {}
+for t in targets:
+    host, port = t.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        reach[t] = True
+    except OSError:
+        reach[t] = False
+ctx = zmq.Context()
+subs = {}
+for t in [t for t in targets if reach[t]]:
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect("tcp://" + t)
+    subs[t] = s
+got = dict.fromkeys(subs, 0)
+poller = zmq.Poller()
+for s in subs.values():
+    poller.register(s, zmq.POLLIN)
+end = time.monotonic() + seconds
+print("ready", flush=True)
+while time.monotonic() < end:
+    for s, _ in poller.poll(200):
+        frames = s.recv_multipart()
+        if frames and frames[0][:1] == b"\\x80":
+            got[next(t for t, x in subs.items() if x is s)] += 1
+print(json.dumps({"reach": reach, "messages": got}), flush=True)
+"""
