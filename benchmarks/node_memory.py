@@ -7,6 +7,7 @@ excluded), and prints the peak total and per node. Usage (root, test bed up):
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -33,7 +34,12 @@ def node_rss(nodes: int) -> dict[str, int]:
 
 
 def main() -> None:
-    argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run (after --)")
+    args = parser.parse_args()
+    argv = [a for a in args.command if a != "--"] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        parser.error("give the command to run after --")
     child = subprocess.Popen(argv)
     peak_total, peak_nodes = 0, {}
     while child.poll() is None:

@@ -198,7 +198,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge a sharded batch's parts into its output now (the last shard to end does it too)."""
-    import yaml
 
     from . import spec as spec_mod
     from .api import ArrayJob
@@ -209,12 +208,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         found = _job(args)
         one = found.shards[0] if isinstance(found, ArrayJob) else found
-        folder = one.dir
-        try:
-            text = folder.spec.read_text()
-        except OSError as exc:
-            raise UsageError(f"merge: {folder.spec}: {exc.strerror} (has the job started?)") from None
-        spec = spec_mod.parse(yaml.safe_load(text), expand=False)
+        spec = one.dir.read_spec()
     if spec.mode != "batch":
         raise UsageError(f"merge: {spec.name} is not a batch (mode: {spec.mode})")
     result = merge(spec.batch_output, spec.batch_parts, Path(spec.batch.input or "").expanduser())

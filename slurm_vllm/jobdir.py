@@ -10,11 +10,14 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from . import safefile
 from .errors import JobFolderError, SlurmVllmError, SpecError
 from .records import Record, Stage, StageInfo
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
 
 R = TypeVar("R", bound=Record)
 
@@ -183,6 +186,20 @@ class JobDir:
 
     def failed_ranks(self) -> list[Path]:
         return sorted(self.path.glob("rank-*.failed"))
+
+    def read_spec(self) -> JobSpec:
+        """spec.yaml: the resolved spec, read as the user's is (the hardened loader: no aliases, no
+        duplicate keys, bounded; a regular file of this user's, not a link); not expanded again."""
+        from . import spec as spec_mod
+
+        try:
+            text = safefile.read_text(self.spec, spec_mod.MAX_SPEC_BYTES)
+        except FileNotFoundError:
+            raise JobFolderError(f"{self.spec}: no such file (has the job started?)") from None
+        try:
+            return spec_mod.parse(spec_mod.loads(text), expand=False)
+        except SlurmVllmError as exc:
+            raise JobFolderError(f"{self.spec}: {exc}") from None
 
     def verified(self) -> JobDir:
         """This folder, once verify() accepts it (this user's, not writable by others)."""

@@ -14,8 +14,6 @@ import socket
 import sys
 from pathlib import Path
 
-import yaml
-
 from . import index
 from . import spec as spec_mod
 from .errors import JobFolderError, SlurmVllmError
@@ -83,7 +81,7 @@ def init(job_dir: str, script: str | None, embedded: str) -> None:
     from .render import sharded, split_embedded
 
     spec_yaml, plan_json = split_embedded(embedded)
-    spec = spec_mod.parse(yaml.safe_load(spec_yaml), expand=False)
+    spec = spec_mod.parse(spec_mod.loads(spec_yaml), expand=False)     # the user's loader, not expanded again
     plan = Plan.from_json(plan_json, "the plan embedded in the job script")
     jd = JobDir(Path(job_dir))
     job_id = shown_job_id(os.environ, sharded(spec))

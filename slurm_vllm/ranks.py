@@ -24,11 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-import yaml
-
 from . import preflight as preflight_mod
 from . import proc, safefile
-from . import spec as spec_mod
 from .batchdriver import BatchError, Driver
 from .batchio import merge, part_path
 from .batchout import private_parts
@@ -60,7 +57,7 @@ class Rank:
     def __init__(self, jd: JobDir, job: JobEnv) -> None:
         self.jd = jd.verified()
         self.plan = Plan.read(jd.plan)
-        self.spec: JobSpec = spec_mod.parse(yaml.safe_load(jd.spec.read_text()), expand=False)
+        self.spec: JobSpec = self.jd.read_spec()
         self.job = job
         self.rank = job.rank
         self.started = time.monotonic()

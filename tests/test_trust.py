@@ -405,3 +405,23 @@ def test_an_output_answers_one_input_only(tmp_path: Path, scratch: Path) -> None
     assert cli("validate", str(spec), home=tmp_path).returncode == 0
     inp.write_text(inp.read_text().replace('"p"', '"edited"'))
     refused(cli("validate", str(spec), home=tmp_path), "holds results of this input before it changed")
+
+
+def test_the_job_folders_spec_is_read_as_the_users_is(tmp_path: Path) -> None:
+    """spec.yaml in the job folder (read by the ranks and by merge) goes through the same hardened
+    loader as the user's file: an alias or a duplicate key is one error naming the file; a link is
+    not followed."""
+    jd = JobDir(tmp_path / "j-1")
+    jd.create("name: j\nmodel: {path: /m}\n", PLAN.to_json(), api_key=False)
+    assert jd.read_spec().name == "j"
+    jd.spec.write_text("name: j\nmodel: &m {path: /m}\nother: *m\n")
+    with pytest.raises(JobFolderError, match=r"spec.yaml: .*aliases"):
+        jd.read_spec()
+    jd.spec.write_text("name: j\nname: k\nmodel: {path: /m}\n")
+    with pytest.raises(JobFolderError, match=r"spec.yaml: .*duplicate key 'name'"):
+        jd.read_spec()
+    jd.spec.unlink()
+    (tmp_path / "elsewhere.yaml").write_text("name: j\nmodel: {path: /m}\n")
+    jd.spec.symlink_to(tmp_path / "elsewhere.yaml")
+    with pytest.raises(JobFolderError, match="a link: refused"):
+        jd.read_spec()
