@@ -126,3 +126,21 @@ def test_a_multi_node_spec_says_what_other_users_can_see(tmp_path: Path) -> None
         if said:
             assert "spans 2 nodes" in notices[0] and "can read prompts" in notices[0]
             assert "'Multi-node traffic'" in notices[0]
+
+
+def test_the_login_side_verbs_work_without_ray_or_vllm_installed(tmp_path: Path) -> None:
+    """`pip install .` no longer brings Ray (it is the `node` extra): validate, render, list and
+    status of a job folder run with ray and vllm not importable at all."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: t\nmodel: {{path: /m}}\nslurm: {{nodes: 2, gpus_per_node: 4}}\n"
+                    f"jobs_root: {tmp_path / 'jobs'}\n")
+    blocked = "import sys\nfor name in ('ray', 'vllm', 'torch'):\n    sys.modules[name] = None\n"
+    for argv in (["validate", str(spec)], ["render", str(spec)], ["list", "--all"]):
+        code = blocked + f"from slurm_vllm.cli import main\nsys.exit(main({argv!r}))\n"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                  "SLURM_VLLM_INDEX": str(tmp_path / "index")})
+        assert out.returncode == 0, (argv, out.stderr)
+    declared = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    deps = declared.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "ray" not in deps and 'node = ["ray' in declared
