@@ -129,9 +129,12 @@ class Job:
     def status(self) -> Status:
         from .slurm import job_state
 
-        info = self._checked().read_stage()
         job_id = self.job_id
-        state = job_state(job_id) if job_id else None
+        return self.status_given(job_id, job_state(job_id) if job_id else None)
+
+    def status_given(self, job_id: str | None, state: str | None) -> Status:
+        """The status with Slurm's STATE of JOB_ID already known (one query for many jobs: ArrayJob)."""
+        info = self._checked().read_stage()
         stage, detail = reconcile(info, state)
         if job_id and stage.final and info.stage == Stage.PENDING and stage != Stage.CANCELLED:
             detail = self.unstarted(job_id)
@@ -257,7 +260,12 @@ class ArrayJob:
         return self._plan or self.shards[0].plan()
 
     def status(self) -> Status:
-        each = [j.status() for j in self.shards]
+        from .slurm import jobs_state
+
+        ids = [j.job_id for j in self.shards]
+        known = jobs_state([i for i in ids if i])          # one squeue (and sacct) for every shard
+        each = [j.status_given(i, known[i].state if i and i in known else None)
+                for j, i in zip(self.shards, ids, strict=True)]
         running = [s for s in each if not s.stage.final]
         counts: dict[str, int] = {}
         for s in each:

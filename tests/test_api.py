@@ -205,3 +205,23 @@ def test_the_package_exports_are_never_shadowed_by_a_submodule() -> None:
     for name in modules - {"__main__"}:
         importlib.import_module(f"slurm_vllm.{name}")
     assert slurm_vllm.submit is api.submit and slurm_vllm.job is api.job
+
+
+def test_an_arrays_status_asks_slurm_once_for_all_its_shards(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 shards were 1,000 squeues a poll: now one squeue (and at most one sacct) per status.
+    The real commands run; only their count is taken."""
+    from slurm_vllm import proc
+
+    shards = [make_job(tmp_path, f"b-700001_{k}", job_id=f"700001_{k}") for k in range(40)]
+    calls: list[str] = []
+    real = proc.run
+
+    def counted(argv: list[str], **kw: object) -> object:
+        calls.append(argv[0])
+        return real(argv, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(proc, "run", counted)
+    st = api.ArrayJob("700001", shards).status()
+    assert st.stage == Stage.PENDING
+    assert calls.count("squeue") == 1 and calls.count("sacct") <= 1, calls
