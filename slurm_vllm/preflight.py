@@ -16,50 +16,14 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from . import scripts
 from .errors import ClusterError
 from .jobdir import JobDir
 from .records import PreflightResult, RayNodes, Stage
 
 SIZES = (1 << 16, 1 << 20, 1 << 24)        # bytes per all-reduce: 64 KiB, 1 MiB, 16 MiB
 
-SCRIPT = """
-import datetime, json, os, sys, time
-import torch, torch.distributed as dist
-rank, world, addr, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-sizes = [int(s) for s in sys.argv[6].split(",")]
-cuda = torch.cuda.is_available()
-backend = "nccl" if cuda else "gloo"
-if cuda:
-    torch.cuda.set_device(0)
-dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                        timeout=datetime.timedelta(seconds=120))
-device = "cuda" if cuda else "cpu"
-rows = []
-for size in sizes:
-    x = torch.ones(size // 4, dtype=torch.float32, device=device)
-    for _ in range(2):
-        dist.all_reduce(x)
-    x.fill_(1.0)
-    iters = 5
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce(x)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / iters
-    expected = float(world) ** iters
-    ok = bool(torch.allclose(x[:16].cpu(), torch.full((16,), expected)))
-    algbw = size / seconds / 1e9
-    rows.append({"bytes": size, "ms": seconds * 1e3, "algbw_GBps": algbw,
-                 "busbw_GBps": algbw * 2 * (world - 1) / world, "correct": ok})
-dist.barrier()
-if rank == 0:
-    json.dump({"backend": backend, "world_size": world, "rows": rows}, open(out, "w"))
-dist.destroy_process_group()
-print("preflight rank", rank, "done", flush=True)
-"""
+SCRIPT = scripts.text("allreduce")       # runs in each rank's container: scripts/allreduce.py
 
 
 def transport(log_text: str) -> str | None:

@@ -7,6 +7,7 @@ import json
 import socket
 import urllib.parse
 
+from . import scripts
 from .errors import ServeError
 from .frontdoor import UnixHTTPConnection
 from .records import RayNode
@@ -14,22 +15,7 @@ from .records import RayNode
 # Run inside the container with its Python: the alive Ray nodes, with their IPs and GPUs.
 # The head's barrier: one process (Ray imported and connected once, not once a poll) prints the alive
 # nodes as a JSON line whenever they change, and ends once NODES nodes with GPUS GPUs are there.
-RAY_WATCH = """
-import json, os, signal, sys, time, ray
-address, want_nodes, want_gpus = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-signal.signal(signal.SIGTERM, lambda *_: os._exit(0))     # stopped by the head: quietly, no traceback
-last = None
-while True:
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    line = json.dumps([{"ip": n["NodeManagerAddress"], "gpus": n["Resources"].get("GPU", 0)} for n in nodes])
-    if line != last:
-        print(line, flush=True)
-        last = line
-    if len(nodes) >= want_nodes and sum(n["Resources"].get("GPU", 0) for n in nodes) >= want_gpus:
-        break
-    time.sleep(0.2)
-"""
+RAY_WATCH = scripts.text("ray_watch")    # scripts/ray_watch.py
 
 
 def port_free(port: int) -> bool:
