@@ -385,6 +385,10 @@ def submit(spec: JobSpec | str | Path, preflight_only: bool = False,
     else:
         check_batch_input(job_spec, plan)
     job_id, folder = sbatch(job_spec, plan)
+    root = job_spec.jobs_root_path
+    if any(root.resolve().is_relative_to(p) for p in ("/tmp", "/var/tmp", "/dev/shm")):
+        warnings.warn(f"jobs_root {root} is node-local on most clusters: the nodes cannot write the job "
+                      f"folder there; use a file system they share", stacklevel=2)
     notice = network_notice(plan)
     if notice:
         warnings.warn(NetworkNotice(notice), stacklevel=2)

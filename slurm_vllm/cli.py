@@ -103,18 +103,10 @@ def _wait(job: Job | ArrayJob, out: TextIO, stage: Stage | None = None) -> int:
     return 0
 
 
-def _warn_local(jobs_root: Path) -> None:
-    """A warning when JOBS_ROOT is where nodes usually have their own copy (/tmp, /var/tmp, /dev/shm)."""
-    if any(jobs_root.resolve().is_relative_to(p) for p in ("/tmp", "/var/tmp", "/dev/shm")):
-        print(f"slurm_vllm: warning: jobs_root {jobs_root} is node-local on most clusters: the nodes "
-              f"cannot write the job folder there; use a file system they share", file=sys.stderr)
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from .api import submit
 
     job = submit(args.spec)
-    _warn_local(job.path.parent)
     plan = job.plan()
     if args.json:
         print(json.dumps({"job_id": job.job_id, "job_dir": str(job.path)}))
