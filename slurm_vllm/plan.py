@@ -144,8 +144,11 @@ def read_model_config(model_path: str) -> dict[str, Any] | None:
     """The model's config.json when the login node sees one (None: not here, e.g. only inside the
     container or on the nodes, and the check is left to vLLM); PlanError when it is there but broken."""
     path = Path(model_path) / "config.json"
-    if not path.exists():
-        return None
+    try:
+        if not path.exists():
+            return None
+    except OSError as exc:             # a path component over the file system's 255 bytes
+        raise PlanError(f"model.path: {exc.strerror}: {model_path[:80]}…") from None
     try:
         raw = safefile.read_input(path, MAX_MODEL_CONFIG)
     except IsADirectoryError:

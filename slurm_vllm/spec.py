@@ -606,6 +606,8 @@ def loads(text: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise SpecError(f"{where}not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except (ValueError, OverflowError) as exc:    # a 5000-digit number: int() refuses it
+        raise SpecError(f"a value YAML cannot hold: {str(exc)[:120]}") from None
 
 
 def load(path: str | Path) -> JobSpec:

@@ -240,6 +240,10 @@ TEXTS: list[tuple[str, bytes, str]] = [
     ("list", b"- name: t\n", "expected a mapping"),
     ("empty", b"", "expected a mapping"),
     ("huge", b"name: t\n" + b"#" * (2 << 20), "bytes: at most 1048576 are read; a spec is at most"),
+    ("5000-digit-int", b"name: t\nmodel: {path: /m}\nslurm: {nodes: " + b"9" * 5000 + b"}\n",
+     "a value YAML cannot hold: Exceeds the limit"),
+    ("long-path-component", b"name: t\nmodel: {path: /" + b"a" * 5000 + b"/m}\n",
+     "model.path: File name too long"),
     ("tab-indent", b"name: t\nmodel:\n\tpath: /m\n", "not valid YAML"),
 ]
 
