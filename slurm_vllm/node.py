@@ -106,7 +106,11 @@ def _cli(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "run":
         return main(argv[1])
     if len(argv) in (2, 3) and argv[0] == "init":
-        init(argv[1], argv[2] if len(argv) == 3 else None, sys.stdin.read())
+        try:
+            init(argv[1], argv[2] if len(argv) == 3 else None, sys.stdin.read())
+        except SlurmVllmError as exc:    # e.g. a job folder someone else made first: one line, in %j.out
+            print(f"slurm_vllm: error: {exc}", file=sys.stderr)
+            return 1
         return 0
     print("usage: python -m slurm_vllm.node run JOB_DIR | init JOB_DIR [SCRIPT] < spec.yaml", file=sys.stderr)
     return 2

@@ -425,3 +425,18 @@ def test_the_job_folders_spec_is_read_as_the_users_is(tmp_path: Path) -> None:
     jd.spec.symlink_to(tmp_path / "elsewhere.yaml")
     with pytest.raises(JobFolderError, match="a link: refused"):
         jd.read_spec()
+
+
+def test_a_job_folder_made_first_by_another_user_fails_init_with_one_line(tmp_path: Path,
+                                                                          scratch: Path) -> None:
+    """Job names are public (squeue) and ids sequential: another user can make <name>-<id> first. The
+    job's init step refuses it with one line on stderr (what `status` then shows), no traceback."""
+    folder = scratch / "j-91"
+    subprocess.run(["mkdir", "-m", "777", str(folder)], user=NOBODY, group=NOBODY, check=True)
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "91", "SLURM_VLLM_INDEX": str(tmp_path / "index")}
+    out = subprocess.run([sys.executable, "-m", "slurm_vllm.node", "init", str(folder)],
+                         input=embedded(tmp_path), capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    said = f"slurm_vllm: error: {folder}: this job folder belongs to nobody, not to you: refused"
+    assert out.stderr.strip() == said
+    assert list(folder.iterdir()) == []
