@@ -23,9 +23,11 @@ R = TypeVar("R", bound=Record)
 
 
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write TEXT to PATH so that readers see the old or the new file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write TEXT to PATH so that readers see the old or the new file, never a partial one. The
+    temporary file has an unpredictable name and is created new (O_EXCL, no link followed): in a
+    shared folder (a batch output's) a name planted in advance cannot redirect the write."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.fchmod(fd, mode)
         os.write(fd, text.encode())

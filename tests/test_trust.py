@@ -440,3 +440,21 @@ def test_a_job_folder_made_first_by_another_user_fails_init_with_one_line(tmp_pa
     said = f"slurm_vllm: error: {folder}: this job folder belongs to nobody, not to you: refused"
     assert out.stderr.strip() == said
     assert list(folder.iterdir()) == []
+
+
+def test_a_planted_temporary_name_cannot_redirect_a_write_in_a_shared_folder(tmp_path: Path,
+                                                                             scratch: Path) -> None:
+    """The output's record is written atomically beside the output, in shared scratch: the temporary
+    name is unpredictable and created new, so links `nobody` planted under the names an older scheme
+    (the pid) would use redirect nothing; the victim's file is untouched."""
+    from slurm_vllm.jobdir import atomic_write
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me\n")
+    record = scratch / ".out.jsonl.input"
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        subprocess.run(["ln", "-s", str(victim), str(scratch / f".{record.name}.{pid}.tmp")],
+                       user=NOBODY, group=NOBODY, check=True)
+    atomic_write(record, "record\n", mode=0o600)
+    assert victim.read_text() == "keep me\n"
+    assert record.read_text() == "record\n" and not record.is_symlink()
