@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,16 @@ PLAN = Plan(name="j", nodes=2, gpus_per_node=1, tp=2, pp=1, served_name="m", mod
             gcs_port=None, api_port=None, ready_timeout=60, api_key=True)
 
 
+RANKS: list[Any] = []          # every Head made here: its watchdog (a process) is disarmed after the test
+
+
+@pytest.fixture(autouse=True)
+def _disarm_watchdogs() -> Iterator[None]:
+    yield
+    while RANKS:
+        RANKS.pop().watchdog.done()
+
+
 def head_rank(tmp_path: Path) -> Any:
     """Rank 0 of a job whose spec has a secret_env file, in a real job folder."""
     from slurm_vllm.ranks import Head
@@ -50,7 +61,9 @@ def head_rank(tmp_path: Path) -> Any:
     jd = JobDir(tmp_path / "j-1")
     jd.create(yaml.safe_dump(data), PLAN.to_json(), api_key=True)
     job = JobEnv(rank=0, job_id=1, hosts=("node1", "node2"), cpus=2, gpus=("0",))
-    return Head(jd, job)
+    rank = Head(jd, job)
+    RANKS.append(rank)
+    return rank
 
 
 def test_a_failure_line_never_carries_the_api_key_the_ray_token_or_a_secret_env_value(tmp_path: Path) -> None:
