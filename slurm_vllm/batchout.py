@@ -25,7 +25,8 @@ from pathlib import Path
 from . import safefile
 from .batchio import BatchInputError, verify_parts
 from .errors import JobFolderError
-from .jobdir import atomic_write, folder_problem, make_private_dir, owner_name
+from .jobdir import atomic_write, folder_problem, make_private_dir
+from .safefile import owner_name
 
 
 def check_folder(folder: Path, what: str = "batch.output") -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import secrets
 import stat
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 from . import safefile
 from .errors import JobFolderError, SlurmVllmError, SpecError
 from .records import Record, Stage, StageInfo
+from .safefile import owner_name
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -35,13 +35,6 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def verify(path: Path, kind: str = "job folder") -> None:

@@ -25,7 +25,8 @@ MAX_LOG_TAIL = 1 << 20        # what `logs` and a failure's explanation read fro
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
 
-def _owner(uid: int) -> str:
+def owner_name(uid: int) -> str:
+    """UID's user name (or `uid N` when it has none)."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -50,7 +51,7 @@ def open_checked(path: Path, secret: bool = False) -> int:
         if not stat.S_ISREG(st.st_mode):
             raise JobFolderError(f"{path}: not a regular file: refused")
         if st.st_uid != os.geteuid():
-            raise JobFolderError(f"{path}: belongs to {_owner(st.st_uid)}, not to you: refused")
+            raise JobFolderError(f"{path}: belongs to {owner_name(st.st_uid)}, not to you: refused")
         if secret and st.st_mode & 0o077:
             raise JobFolderError(f"{path}: a secret others can reach (mode {stat.S_IMODE(st.st_mode):o}): "
                                  f"refused (chmod 600 it if it is yours)")
