@@ -24,11 +24,23 @@ class Stopped(SlurmVllmError):
         self.detail = detail
 
 
+LOOPBACK = ("127.0.0.1", "lo")
+
+
+def loopback_only(plan: Plan) -> bool:
+    """A 1-node job without Ray keeps vLLM's own traffic (torch's store, gloo, its ZeroMQ queues) on
+    the loopback interface: nothing but the front door on the node's address (Ray binds its servers
+    to every interface whatever it is told, so a Ray job cannot)."""
+    return plan.nodes == 1 and plan.backend == "mp"
+
+
 def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mapping[str, str],
-                head_gcs: int | None = None, autoscaler_metrics: int | None = None) -> dict[str, str]:
+                head_gcs: int | None = None, autoscaler_metrics: int | None = None,
+                loopback: bool = False) -> dict[str, str]:
     """What Ray and vLLM see on this node (inside the container): the spec's env, the node's one
-    identity, Ray's token auth and SECRETS. The head (HEAD_GCS set) also gets RAY_ADDRESS, so that
-    `vllm serve` joins this job's Ray and never starts its own."""
+    identity (LOOPBACK: 127.0.0.1 on lo), Ray's token auth and SECRETS. The head (HEAD_GCS set) also
+    gets RAY_ADDRESS, so that `vllm serve` joins this job's Ray and never starts its own."""
+    ip, interface = LOOPBACK if loopback else (ident.ip, ident.interface)
     # Ray >= 2.5x drains a node for up to 30 s on SIGTERM (for Ray Serve); the rank stops vLLM
     # itself, so the drain would only hold the job's end (and the next job's start). The raylet
     # starts idle workers for the first driver, which is the head's barrier watch, not vLLM: wasted
@@ -40,9 +52,9 @@ def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mappin
         "RAY_AUTH_TOKEN_PATH": str(ray_token),
         **spec.nccl.env(),
         "RAY_USAGE_STATS_ENABLED": "0",
-        "VLLM_HOST_IP": ident.ip,
-        "GLOO_SOCKET_IFNAME": ident.interface,
-        "NCCL_SOCKET_IFNAME": ident.interface,
+        "VLLM_HOST_IP": ip,
+        "GLOO_SOCKET_IFNAME": interface,
+        "NCCL_SOCKET_IFNAME": interface,
     })
     if head_gcs is not None:
         env["RAY_ADDRESS"] = f"{ident.ip}:{head_gcs}"

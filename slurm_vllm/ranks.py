@@ -38,7 +38,15 @@ from .netid import Identity, identity, interface_network
 from .plan import Plan, Ports, ray_argv, vllm_argv
 from .portclaim import PortClaims
 from .probes import RAY_WATCH, Http, parse_ray_nodes, port_free, port_open
-from .rankenv import NON_CARRY_OVER, Stopped, choose_ports, environment, server_environment
+from .rankenv import (
+    LOOPBACK,
+    NON_CARRY_OVER,
+    Stopped,
+    choose_ports,
+    environment,
+    loopback_only,
+    server_environment,
+)
 from .records import BatchProgress, Endpoint, HeadInfo, RankFailure, RayNode, RayNodes, Rendezvous, Stage
 from .spec import JobSpec
 from .watchdog import Watchdog
@@ -128,7 +136,7 @@ class Rank:
         """What Ray and vLLM see on this node (rankenv.environment with this rank's secrets)."""
         return environment(self.spec, ident, self.jd.ray_token, self.secrets(),
                            head_gcs=ports.gcs if self.rank == 0 and self.plan.backend == "ray" else None,
-                           autoscaler_metrics=ports.autoscaler_metrics)
+                           autoscaler_metrics=ports.autoscaler_metrics, loopback=loopback_only(self.plan))
 
     def write_env_file(self, name: str, env: dict[str, str]) -> Path:
         """ENV as env/NAME.env (0600), the file a container reads its environment from."""
@@ -371,10 +379,11 @@ class Head(Rank):
         rendezvous is the barrier; a worker's failure file fails the job while it waits."""
         assert self.runtime is not None
         self.jd.write(self.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
-        argv = vllm_argv(self.plan, ident.ip, ports.api, master=(ident.ip, ports.gcs), node_rank=0, uds=sock)
+        master = LOOPBACK[0] if loopback_only(self.plan) else ident.ip
+        argv = vllm_argv(self.plan, ident.ip, ports.api, master=(master, ports.gcs), node_rank=0, uds=sock)
         self.spawn("vllm", self.runtime.start(argv, env_file=server_env), server_env)
         self.jd.write_stage(Stage.LOADING, f"vllm serve TP{self.plan.tp}xPP{self.plan.pp} (backend mp, "
-                                           f"master {ident.ip}:{ports.gcs}) on {len(self.job.hosts)} nodes")
+                                           f"master {master}:{ports.gcs}) on {len(self.job.hosts)} nodes")
 
     def run_batch(self, url: str, key: str | None) -> None:
         """Batch mode: the driver sends the input to the private server; DONE when every request

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import re
 import types
@@ -270,7 +271,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _convert(option, value, path)
             except SpecError:
-                if option is str and isinstance(value, str):
+                if option in (str, float) and type(value) is option:
                     raise                  # the right type with a wrong value: say why
                 continue
         raise SpecError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
@@ -289,7 +290,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise SpecError(f"{path}: expected a mapping, got {_show(value)}")
         _, value_tp = get_args(tp)
         for k in value:
-            _no_control(str(k), f"{path} key")
+            if not isinstance(k, str):     # `~:`, `true:`, `1:` are YAML null/bool/int, not names
+                raise SpecError(f"{path}: key {_show(k)} is not a string (YAML reads ~, true, 1 "
+                                f"unquoted as null, boolean, number): quote it")
+            _no_control(k, f"{path} key")
         return {str(k): _convert(value_tp, v, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -306,10 +310,17 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):   # .nan/.inf: no setting means that
+                raise SpecError(f"{path}: {value} is not a finite number")
             return value
     elif tp is str:
         if isinstance(value, int | float) and not isinstance(value, bool) and path.startswith("env."):
+            if not math.isfinite(value):
+                raise SpecError(f"{path}: {value} is not a finite number")
             value = str(value)             # env: {OMP_NUM_THREADS: 4}
+        if isinstance(value, int) and not isinstance(value, bool) and path == "slurm.time":
+            raise SpecError(f"{path}: YAML read the unquoted value as the number {value} (1:00:00 "
+                            f"unquoted is 3600 there): quote it, e.g. time: \"1:00:00\"")
         if isinstance(value, str):
             _no_control(value, path)
             return value

@@ -70,6 +70,15 @@ VALUES: list[tuple[str, object, str]] = [
     ("slurm.time", "", "slurm.time"),
     ("slurm.time", "01:00:00\n", "slurm.time"),
     ("slurm.time", 60, "slurm.time"),
+    ("slurm.time", 3600, 'slurm.time: YAML read the unquoted value as the number 3600 (1:00:00 unquoted'),
+    ("vllm.args", {"gpu_memory_utilization": float("nan")}, "vllm.args.gpu_memory_utilization: nan is not"),
+    ("vllm.args", {"max_model_len": float("inf")}, "vllm.args.max_model_len: inf is not a finite"),
+    ("env", {"RATIO": float("-inf")}, "env.RATIO: -inf is not a finite number"),
+    ("env", {None: "x"}, "env: key None is not a string"),
+    ("env", {True: "x"}, "env: key True is not a string"),
+    ("vllm.args", {1: "x"}, "vllm.args: key 1 is not a string"),
+    ("slurm.extra_directives", {None: "x"}, "slurm.extra_directives: key None is not a string"),
+    ("secret_env", {False: "/f"}, "secret_env: key False is not a string"),
     ("slurm.time", "\u0661\u0660", "slurm.time"),             # Arabic-Indic digits: not Slurm's
     ("slurm.time", "-2", "slurm.time"),
     ("slurm.mem", "\u0665\u0660G", "slurm.mem"),
@@ -245,6 +254,11 @@ TEXTS: list[tuple[str, bytes, str]] = [
     ("long-path-component", b"name: t\nmodel: {path: /" + b"a" * 5000 + b"/m}\n",
      "model.path: File name too long"),
     ("tab-indent", b"name: t\nmodel:\n\tpath: /m\n", "not valid YAML"),
+    ("sexagesimal-time", b"name: t\nmodel: {path: /m}\nslurm: {time: 1:00:00}\n",
+     'quote it, e.g. time: "1:00:00"'),
+    ("nan-arg", b"name: t\nmodel: {path: /m}\nvllm: {args: {gpu_memory_utilization: .nan}}\n",
+     "vllm.args.gpu_memory_utilization: nan is not a finite number"),
+    ("null-env-key", b"name: t\nmodel: {path: /m}\nenv: {~: x}\n", "env: key None is not a string"),
 ]
 
 

@@ -64,16 +64,31 @@ def batch_spec(folder: Path, name: str, requests: list[dict[str, Any]], **change
                                                          **changes})
 
 
-def requeue_time(job_id: str, deadline: float) -> float:
-    """When run 1 ended by its requeue (sacct's End of the REQUEUED run; accounting is asynchronous)."""
+def requeue_time(job_id: str, deadline: float, run: int = 1) -> float:
+    """When RUN ended by its requeue (sacct's End of that REQUEUED run; accounting is asynchronous)."""
     while True:
         rows = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State,End"],
                               capture_output=True, text=True).stdout.split()
         ends = [row.split("|")[1] for row in rows if row.startswith("REQUEUED|")]
-        if ends and ends[0] not in ("Unknown", "None"):
-            return datetime.datetime.fromisoformat(ends[0]).timestamp()
+        if len(ends) >= run and ends[run - 1] not in ("Unknown", "None"):
+            return datetime.datetime.fromisoformat(ends[run - 1]).timestamp()
         assert time.monotonic() < deadline, rows
         time.sleep(0.2)
+
+
+def start_requeued_now(job_id: str, deadline: float, run: int) -> None:
+    """Test-bed shortcut (as the admin): once the requeued job is pending, make it eligible at once
+    (Slurm holds a requeued job about 2 minutes) with 30 minutes. slurmd revokes the ended run's
+    credential to the second: a start within that same second is refused ("Job credential revoked",
+    the job FAILED), so the shortcut waits until the clock is past that second."""
+    while subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                         text=True).stdout.strip() != "PENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    requeued = requeue_time(job_id, deadline, run)
+    while time.time() < requeued + 1.5:
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=30"], check=True)
 
 
 def results(folder: Path) -> list[dict[str, Any]]:
@@ -165,7 +180,9 @@ def line_count(path: Path) -> int:
 def test_a_batch_past_the_time_limit_goes_on_in_a_requeued_run(testbed: dict[str, str],
                                                               job_dir: Path) -> None:
     """A time limit that cannot hold the batch: at SIGUSR2 the first run stops sending, keeps its lines
-    and requeues the job; the same job id and folder go on from there and finish it.
+    and requeues the job; the same job id and folder go on from there. Then an administrator requeues
+    run 2 while it sends (`scontrol requeue`): the requests in flight as the engine stops are not
+    results; run 3 sends them again and finishes, every custom_id once, no 5xx line.
 
     Independent of the host's speed: the job starts with room to load (20 minutes), and its limit is
     cut once the batch is sending (end_soon), so the signal comes while requests are still being sent
@@ -195,31 +212,39 @@ def test_a_batch_past_the_time_limit_goes_on_in_a_requeued_run(testbed: dict[str
         time.sleep(1)
     first_run = len(results(job_dir))
     assert 0 < first_run < TIME_LIMIT_REQUESTS
-    while subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                         text=True).stdout.strip() != "PENDING":
-        assert time.monotonic() < deadline
+    start_requeued_now(job_id, deadline, run=1)
+    # An administrator's requeue in the middle of run 2 (`scontrol requeue`: SIGTERM to every process,
+    # the engine stops with requests in flight): those are not results (no HTTP 5xx line is written);
+    # run 3 sends them again.
+    deadline = time.monotonic() + 1200
+    while ("requeued: starting again" not in log.read_text()
+           or (job_dir / "results.jsonl").read_bytes().count(b"\n") < first_run + 200):
+        st = status(job_id)
+        assert st["stage"] not in ("FAILED", "DONE", "CANCELLED", "TIMEOUT"), st
+        assert time.monotonic() < deadline, st
         time.sleep(0.5)
-    # slurmd revokes run 1's credential when the job is requeued, to the second: a start within that
-    # same second is refused ("Job credential revoked", the job FAILED). Slurm's own 2-minute hold
-    # avoids it; the shortcut waits until the clock is past that second.
-    requeued = requeue_time(job_id, deadline)
-    while time.time() < requeued + 1.5:
-        time.sleep(0.1)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=30"], check=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    start_requeued_now(job_id, deadline, run=2)
+    while log.read_text().count("requeued: starting again") < 2:
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
     st, _ = wait_final(job_id, 1800)
     assert st["stage"] == "DONE", st
-    ids = [line["custom_id"] for line in results(job_dir)]
+    lines = results(job_dir)
+    ids = [line["custom_id"] for line in lines]
     assert len(ids) == len(set(ids)) == TIME_LIMIT_REQUESTS
-    assert st["batch"]["resumed"] >= first_run and st["batch"]["done"] == TIME_LIMIT_REQUESTS, st
+    assert not [line for line in lines if line["response"]["status_code"] >= 500], "a 5xx became a result"
+    assert st["batch"]["resumed"] > first_run and st["batch"]["done"] == TIME_LIMIT_REQUESTS, st
     said = log.read_text()
     assert "goes on in run 2 of up to 3 (requeued)" in said and "requeued: starting again" in said, said
     runs = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
                           capture_output=True, text=True).stdout.split()
-    assert runs == ["REQUEUED", "COMPLETED"], runs
+    assert runs == ["REQUEUED", "REQUEUED", "COMPLETED"], runs
     wait_released(job_id)
     print(f"time limit{' (engine slowed)' if slow else ''}: run 1 answered {first_run}/"
-          f"{TIME_LIMIT_REQUESTS} (limit cut to {limit} min once sending), run 2 the rest; sacct {runs}; "
-          f"{st['batch']['rate']} req/s in run 2")
+          f"{TIME_LIMIT_REQUESTS} (limit cut to {limit} min once sending), run 2 until scontrol requeue, "
+          f"run 3 the rest ({st['batch']['resumed']} kept); sacct {runs}; "
+          f"{st['batch']['rate']} req/s in run 3")
 
 
 def test_a_sharded_batch_runs_as_a_job_array_and_merges_one_output(testbed: dict[str, str],
