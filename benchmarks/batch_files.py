@@ -18,8 +18,8 @@ from pathlib import Path
 CHILD = """
 import resource, sys, time
 from pathlib import Path
-from slurm_vllm.batchdriver import _cid
-from slurm_vllm.batchio import done_ids, lines, validate
+from slurm_vllm.batch.driver import _cid
+from slurm_vllm.batch.reader import done_ids, lines, validate
 what, path, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 t0 = time.monotonic()
 if what == "validate":

@@ -24,7 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slurm_vllm.frontdoor import FrontDoor, UnixHTTPConnection
+from slurm_vllm.core.unixhttp import UnixHTTPConnection
+from slurm_vllm.node.frontdoor import FrontDoor
 
 KEY = "sk-bench"
 BODY = b'{"model": "m", "prompt": "The number 7 is", "max_tokens": 8}'

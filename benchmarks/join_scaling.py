@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import cancel, env, load_now, stamps, wait_idle  # noqa: E402
-from slurm_vllm.jobdir import JobDir  # noqa: E402
-from slurm_vllm.records import Stage  # noqa: E402
+from slurm_vllm.core.jobdir import JobDir  # noqa: E402
+from slurm_vllm.core.records import Stage  # noqa: E402
 from tests.support.testbed import machine_line  # noqa: E402
 
 PHASES = ("running", "ray_head", "joined")

@@ -57,8 +57,9 @@ def main() -> int:
         print(f"{name:>10}: {t * 1000:6.0f} ms  ({'under' if t < 0.3 else 'OVER'} 0.3 s)", flush=True)
 
     sys.path.insert(0, str(ROOT))
-    from slurm_vllm import hostlist, plan, render
-    from slurm_vllm import spec as spec_mod
+    from slurm_vllm.core import plan, render
+    from slurm_vllm.core import spec as spec_mod
+    from slurm_vllm.node import hostlist
 
     s = spec_mod.load(spec)
     names = ",".join(f"gpu[{i * 8 + 1:04d}-{i * 8 + 8:04d}]" for i in range(128))

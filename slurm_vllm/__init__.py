@@ -12,19 +12,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .api import Job, Status, job, jobs, submit
-    from .records import Endpoint, Stage
+    from slurm_vllm.core.records import Endpoint, Stage
+    from slurm_vllm.login.api import Job, Status, job, jobs, submit
 
 __all__ = ["Endpoint", "Job", "Stage", "Status", "__version__", "job", "jobs", "submit"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Job", "Status", "job", "jobs", "submit"):
-        from . import api
+        from slurm_vllm.login import api
 
         return getattr(api, name)
     if name in ("Endpoint", "Stage"):
-        from . import records
+        from slurm_vllm.core import records
 
         return getattr(records, name)
     raise AttributeError(f"module 'slurm_vllm' has no attribute {name!r}")

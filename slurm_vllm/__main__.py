@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from slurm_vllm.login.cli import main
 
 sys.exit(main())

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from slurm_vllm import api, index, listing
-from slurm_vllm.errors import JobEnded, WaitTimeout
-from slurm_vllm.jobdir import JobDir
-from slurm_vllm.plan import Plan
-from slurm_vllm.records import BatchProgress, Endpoint, Stage, StageInfo
-from slurm_vllm.slurm import SlurmJob
+from slurm_vllm.core import index
+from slurm_vllm.core.errors import SlurmVllmError, WaitTimeout
+from slurm_vllm.core.jobdir import JobDir
+from slurm_vllm.core.plan import Plan
+from slurm_vllm.core.records import BatchProgress, Endpoint, Stage, StageInfo
+from slurm_vllm.core.slurm import SlurmJob
+from slurm_vllm.login import api, listing, status
+from slurm_vllm.login.api import JobEnded
 
 pytestmark = pytest.mark.unit
 
@@ -31,11 +33,11 @@ pytestmark = pytest.mark.unit
     (Stage.CANCELLED, "RUNNING", Stage.CANCELLED),
 ])
 def test_reconcile(stage: Stage, slurm: str | None, shown: Stage) -> None:
-    assert api.reconcile(StageInfo(stage, "d"), slurm)[0] == shown
+    assert status.reconcile(StageInfo(stage, "d"), slurm)[0] == shown
 
 
 def test_reconcile_says_why_when_the_ranks_did_not() -> None:
-    assert api.reconcile(StageInfo(Stage.LOADING), "NODE_FAIL") == (Stage.FAILED, "Slurm says NODE_FAIL")
+    assert status.reconcile(StageInfo(Stage.LOADING), "NODE_FAIL") == (Stage.FAILED, "Slurm says NODE_FAIL")
 
 
 @pytest.mark.parametrize(("current", "target", "done"), [
@@ -43,7 +45,7 @@ def test_reconcile_says_why_when_the_ranks_did_not() -> None:
     (Stage.RAY_JOINED, Stage.RAY_JOINED, True), (Stage.DONE, Stage.READY, False),
     (Stage.DONE, Stage.DONE, True), (Stage.READY, Stage.DONE, False)])
 def test_reached(current: Stage, target: Stage, done: bool) -> None:
-    assert api.reached(current, target) is done
+    assert status.reached(current, target) is done
 
 
 def make_job(tmp_path: Path, name: str = "j", job_id: str | None = None) -> api.Job:
@@ -92,14 +94,14 @@ def test_wait_raises_when_the_job_ends_first_or_time_runs_out(tmp_path: Path) ->
 
 def test_endpoint_only_while_ready(tmp_path: Path) -> None:
     job = make_job(tmp_path)
-    with pytest.raises(api.SlurmVllmError, match="no endpoint yet"):
+    with pytest.raises(SlurmVllmError, match="no endpoint yet"):
         job.endpoint()
     ep = Endpoint("http://h:1/v1", "m", "h", 1, str(job.dir.api_key), "7")
     job.dir.write(job.dir.endpoint, ep)
     job.dir.write_stage(Stage.READY)
     assert job.endpoint() == ep and job.endpoint().api_key().startswith("sk-")  # type: ignore[union-attr]
     job.dir.write_stage(Stage.CANCELLED)
-    with pytest.raises(api.SlurmVllmError, match="the endpoint is gone"):
+    with pytest.raises(SlurmVllmError, match="the endpoint is gone"):
         job.endpoint()
 
 
@@ -111,7 +113,7 @@ def test_a_job_id_resolves_through_the_index_whatever_jobs_root(tmp_path: Path,
     index.record("31", job.path, job.plan())
     assert api.job("31").path == job.path.resolve()
     assert [j.path for j in api.jobs()] == [job.path.resolve()]
-    with pytest.raises(api.SlurmVllmError, match="job 32: no job folder"):
+    with pytest.raises(SlurmVllmError, match="job 32: no job folder"):
         api.job("32")
     # A pending job: indexed at submission, its folder not made yet; listed with its plan's shape.
     index.record("33", tmp_path / "own-root" / "j-33", job.plan())
@@ -202,8 +204,9 @@ def test_the_package_exports_are_never_shadowed_by_a_submodule() -> None:
 
     modules = {m.name for m in pkgutil.iter_modules(slurm_vllm.__path__)}
     assert not modules & set(slurm_vllm.__all__)
-    for name in modules - {"__main__"}:
-        importlib.import_module(f"slurm_vllm.{name}")
+    for module in pkgutil.walk_packages(slurm_vllm.__path__, "slurm_vllm."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
     assert slurm_vllm.submit is api.submit and slurm_vllm.job is api.job
 
 
@@ -211,7 +214,7 @@ def test_an_arrays_status_asks_slurm_once_for_all_its_shards(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """1,000 shards were 1,000 squeues a poll: now one squeue (and at most one sacct) per status.
     The real commands run; only their count is taken."""
-    from slurm_vllm import proc
+    from slurm_vllm.core import proc
 
     shards = [make_job(tmp_path, f"b-700001_{k}", job_id=f"700001_{k}") for k in range(40)]
     calls: list[str] = []

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from slurm_vllm.batchdriver import BatchError, Driver
-from slurm_vllm.batchio import BatchInputError, done_ids, merge, part_path, repair, shard_of, validate
-from slurm_vllm.batchout import input_digest, write_record
-from slurm_vllm.errors import ServeError
-from slurm_vllm.slurm import array_ids
+from slurm_vllm.batch.driver import BatchError, Driver
+from slurm_vllm.batch.output import input_digest, write_record
+from slurm_vllm.batch.reader import BatchInputError, done_ids, merge, part_path, repair, shard_of, validate
+from slurm_vllm.core.errors import ServeError
+from slurm_vllm.core.slurm import array_ids
 
 pytestmark = pytest.mark.unit
 
@@ -293,7 +293,7 @@ def test_submit_and_validate_refuse_a_bad_input_before_anything_runs(
     """Exit 2, the line named, nothing submitted (no sbatch runs: the check comes first)."""
     import yaml
 
-    from slurm_vllm import cli
+    from slurm_vllm.login import cli
 
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(request(0)) + "\n" + json.dumps(request(0)) + "\n")
@@ -318,7 +318,7 @@ def test_a_requests_shard_is_the_same_in_every_process(tmp_path: Path) -> None:
 
     ids = [f"req-{i}" for i in range(2000)]
     here = [shard_of(i, 4) for i in ids]
-    code = ("import sys, json; from slurm_vllm.batchio import shard_of; "
+    code = ("import sys, json; from slurm_vllm.batch.reader import shard_of; "
             "print(json.dumps([shard_of(i, 4) for i in json.load(sys.stdin)]))")
     there = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True,
                            text=True, check=True, env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin"})
@@ -399,7 +399,7 @@ def test_the_merge_verb_merges_on_demand_from_the_spec(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
-    from slurm_vllm import cli
+    from slurm_vllm.login import cli
 
     inp = write_input(tmp_path / "in.jsonl", [request(i) for i in range(3)])
     out = tmp_path / "out.jsonl"

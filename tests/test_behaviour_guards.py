@@ -22,16 +22,18 @@ from typing import Any
 import pytest
 import yaml
 
-from slurm_vllm import api, plan, portclaim, spec
-from slurm_vllm.batchdriver import BatchError, Driver
-from slurm_vllm.container import Runtime
-from slurm_vllm.errors import ClusterError
-from slurm_vllm.jobdir import JobDir, link_job_id
-from slurm_vllm.jobenv import JobEnv
-from slurm_vllm.plan import Plan
-from slurm_vllm.rankenv import cancel_or_task_death, redact
-from slurm_vllm.records import BatchProgress, Stage
-from slurm_vllm.watchdog import reap
+from slurm_vllm.batch.driver import BatchError, Driver
+from slurm_vllm.core import plan, spec
+from slurm_vllm.core.errors import ClusterError
+from slurm_vllm.core.jobdir import JobDir, link_job_id
+from slurm_vllm.core.plan import Plan
+from slurm_vllm.core.records import BatchProgress, Stage
+from slurm_vllm.login import api
+from slurm_vllm.node import portclaim
+from slurm_vllm.node.container import Runtime
+from slurm_vllm.node.jobenv import JobEnv
+from slurm_vllm.node.rankenv import cancel_or_task_death, redact
+from slurm_vllm.node.watchdog import reap
 
 pytestmark = pytest.mark.unit
 NOBODY = 65534
@@ -51,7 +53,7 @@ def _disarm_watchdogs() -> Iterator[None]:
 
 def head_rank(tmp_path: Path) -> Any:
     """Rank 0 of a job whose spec has a secret_env file, in a real job folder."""
-    from slurm_vllm.ranks import Head
+    from slurm_vllm.node.head import Head
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     secret = tmp_path / "hf_token"
@@ -67,8 +69,8 @@ def head_rank(tmp_path: Path) -> Any:
 
 
 def test_a_failure_line_never_carries_the_api_key_the_ray_token_or_a_secret_env_value(tmp_path: Path) -> None:
-    from slurm_vllm.netid import Identity
-    from slurm_vllm.plan import ports
+    from slurm_vllm.core.plan import ports
+    from slurm_vllm.node.netid import Identity
 
     rank = head_rank(tmp_path)
     rank.env = rank.environment(Identity("node1", "10.0.0.1", "eth0", "10.0.0.1"), ports(rank.plan, 1))

@@ -24,7 +24,7 @@ def test_help_and_validate_do_not_import_ray_or_vllm(tmp_path: Path) -> None:
     spec = tmp_path / "s.yaml"
     spec.write_text("name: t\nmodel: {path: /m}\nslurm: {nodes: 2, gpus_per_node: 4}\n")
     probe = (
-        "import sys\nfrom slurm_vllm.cli import main\n"
+        "import sys\nfrom slurm_vllm.login.cli import main\n"
         "for verb in ['validate', 'render', 'submit', 'preflight', 'list', 'status', 'endpoint', 'logs',"
         "             'cancel', 'merge']:\n"
         "    try:\n        main([verb, '--help'])\n    except SystemExit:\n        pass\n"
@@ -66,7 +66,7 @@ def test_preflight_ray_refuses_a_spec_without_ray(tmp_path: Path) -> None:
 
 
 def test_ray_table_lists_the_nodes_and_the_times() -> None:
-    from slurm_vllm.preflight import ray_table
+    from slurm_vllm.core.preflight import ray_table
 
     nodes = [{"ip": "10.77.0.11", "gpus": 1.0}, {"ip": "10.77.0.12", "gpus": 2.0}]
     text = ray_table({"job_id": "7", "nodes": nodes, "ray_head_s": 1.5, "all_joined_s": 3.25})
@@ -79,7 +79,7 @@ def test_submit_without_submitit_says_what_to_install(tmp_path: Path) -> None:
     spec = tmp_path / "s.yaml"
     spec.write_text(f"name: t\nmodel: {{path: /m}}\nslurm: {{nodes: 2, gpus_per_node: 1}}\n"
                     f"jobs_root: {tmp_path / 'jobs'}\n")
-    probe = ("import sys\nsys.modules['submitit'] = None\nfrom slurm_vllm.cli import main\n"
+    probe = ("import sys\nsys.modules['submitit'] = None\nfrom slurm_vllm.login.cli import main\n"
              f"sys.exit(main(['submit', {str(spec)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
@@ -136,7 +136,7 @@ def test_the_login_side_verbs_work_without_ray_or_vllm_installed(tmp_path: Path)
                     f"jobs_root: {tmp_path / 'jobs'}\n")
     blocked = "import sys\nfor name in ('ray', 'vllm', 'torch'):\n    sys.modules[name] = None\n"
     for argv in (["validate", str(spec)], ["render", str(spec)], ["list", "--all"]):
-        code = blocked + f"from slurm_vllm.cli import main\nsys.exit(main({argv!r}))\n"
+        code = blocked + f"from slurm_vllm.login.cli import main\nsys.exit(main({argv!r}))\n"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
                                   "SLURM_VLLM_INDEX": str(tmp_path / "index")})

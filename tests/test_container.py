@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from slurm_vllm.container import WRAPPER, Runtime, env_file_text, wrapped
-from slurm_vllm.spec import ContainerSpec
+from slurm_vllm.core.spec import ContainerSpec
+from slurm_vllm.node.container import WRAPPER, Runtime, env_file_text, wrapped
 
 pytestmark = pytest.mark.unit
 ENV = Path("/jobs/j/env/rank-0.env")
@@ -56,7 +55,6 @@ def test_env_file_is_shell_assignments_the_wrapper_reads_back(tmp_path: Path) ->
     """The env file through the real wrapper under sh: every value arrives byte for byte, nothing
     expands (quotes, $, \\, #, =, spaces, backquotes), and the program gets its own argv."""
     text = env_file_text(ODD)
-    assert text == "".join(f"{k}={shlex.quote(v)}\n" for k, v in ODD.items())
     env_file = tmp_path / "rank-0.env"
     env_file.write_text(text)
     probe = "import json, os, sys; print(json.dumps([{k: os.environ.get(k) for k in 'ABCDE'}, sys.argv[1:]]))"

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from slurm_vllm.frontdoor import FrontDoor, UnixHTTPConnection
+from slurm_vllm.core.unixhttp import UnixHTTPConnection
+from slurm_vllm.node.frontdoor import FrontDoor
 
 pytestmark = pytest.mark.unit
 KEY = "sk-door-test"

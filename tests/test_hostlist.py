@@ -2,8 +2,8 @@
 
 import pytest
 
-from slurm_vllm.errors import SlurmVllmError
-from slurm_vllm.hostlist import expand
+from slurm_vllm.core.errors import SlurmVllmError
+from slurm_vllm.node.hostlist import expand
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from slurm_vllm.records import HeadInfo, PreflightResult, RayNodes
+from slurm_vllm.core.records import HeadInfo, PreflightResult, RayNodes
 
 from .support.cli import chat, cli, expected, status
 from .support.slurm import sacct_state

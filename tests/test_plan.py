@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from slurm_vllm import plan, spec
-from slurm_vllm.errors import PlanError, SpecError
+from slurm_vllm.core import plan, spec
+from slurm_vllm.core.errors import PlanError, SpecError
 
 pytestmark = pytest.mark.unit
 LLAMA_70B = {"num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80}

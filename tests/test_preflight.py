@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from slurm_vllm.errors import ClusterError
-from slurm_vllm.preflight import table, transport, verdict
+from slurm_vllm.core.errors import ClusterError
+from slurm_vllm.core.preflight import table, transport, verdict
 
 pytestmark = pytest.mark.unit
 
@@ -60,9 +60,9 @@ def test_wrong_sums_fail_and_gloo_is_reported() -> None:
 
 
 def test_ray_report_reads_the_nodes_and_the_times_after_the_start(tmp_path: Path) -> None:
-    from slurm_vllm.jobdir import JobDir
-    from slurm_vllm.preflight import ray_report
-    from slurm_vllm.records import RayNode, RayNodes
+    from slurm_vllm.core.jobdir import JobDir
+    from slurm_vllm.core.preflight import ray_report
+    from slurm_vllm.core.records import RayNode, RayNodes
 
     jd = JobDir(tmp_path / "job")
     jd.create("name: x\n", "{}", api_key=False)

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from slurm_vllm.errors import ServeError
-from slurm_vllm.probes import Http
+from slurm_vllm.core.errors import ServeError
+from slurm_vllm.node.probes import Http
 
 pytestmark = pytest.mark.unit
 

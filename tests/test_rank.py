@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
-from slurm_vllm import plan, spec
-from slurm_vllm.container import env_file_text
-from slurm_vllm.errors import ClusterError, ServeError
-from slurm_vllm.jobenv import JobEnv
-from slurm_vllm.netid import Identity, identity
-from slurm_vllm.portclaim import PortClaims
-from slurm_vllm.probes import parse_ray_nodes, port_free
-from slurm_vllm.rankenv import (
+from slurm_vllm.core import plan, spec
+from slurm_vllm.core.errors import ClusterError, ServeError
+from slurm_vllm.core.records import RankFailure, RayNode, Stage
+from slurm_vllm.node.container import env_file_text
+from slurm_vllm.node.jobenv import JobEnv
+from slurm_vllm.node.netid import Identity, identity
+from slurm_vllm.node.portclaim import PortClaims
+from slurm_vllm.node.probes import parse_ray_nodes, port_free
+from slurm_vllm.node.rankenv import (
     Stopped,
     choose_ports,
     environment,
@@ -26,7 +27,6 @@ from slurm_vllm.rankenv import (
     server_environment,
     task_death,
 )
-from slurm_vllm.records import RankFailure, RayNode, Stage
 
 pytestmark = pytest.mark.unit
 IDENT = Identity("node2", "10.78.0.12", "eth1", "10.78.0.11")
@@ -207,7 +207,7 @@ def test_task_death_names_the_node_and_rank_srun_reported() -> None:
 
 
 def test_log_tails_in_messages_have_no_colour_codes() -> None:
-    from slurm_vllm.proc import _tail
+    from slurm_vllm.core.proc import _tail
 
     text = "a\n\n\x1b[36m(RayWorkerProc pid=1, ip=10.0.0.2)\x1b[0m boom\n"
     assert _tail(text, 5) == "a\n(RayWorkerProc pid=1, ip=10.0.0.2) boom"
@@ -220,7 +220,7 @@ def test_teardown_kills_the_orphans_of_a_child_that_died(tmp_path: Path) -> None
     import signal
     import time
 
-    from slurm_vllm import proc
+    from slurm_vllm.core import proc
 
     pid_file = tmp_path / "orphan"
     child = proc.spawn("vllm", ["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], tmp_path / "log")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from slurm_vllm.errors import JobFolderError
-from slurm_vllm.jobdir import JobDir
-from slurm_vllm.records import (
+from slurm_vllm.core.errors import JobFolderError
+from slurm_vllm.core.jobdir import JobDir
+from slurm_vllm.core.records import (
     Endpoint,
     HeadInfo,
     PreflightResult,
@@ -111,7 +111,7 @@ def test_endpoint_reads_its_key(tmp_path: Path) -> None:
 
 
 def test_batch_progress_lines() -> None:
-    from slurm_vllm.records import BatchProgress
+    from slurm_vllm.core.records import BatchProgress
 
     p = BatchProgress(output="/o.jsonl", total=1000, done=250, resumed=50, ok=190, refused=10, lost=0,
                       in_flight=8, tokens_in=3000, tokens_out=1600, elapsed=20.0, rate=10.0)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_vllm import jobenv, plan, render, spec
-from slurm_vllm.errors import SpecError
+from slurm_vllm.core import plan, render, spec
+from slurm_vllm.core.errors import SpecError
+from slurm_vllm.node import jobenv
 
 pytestmark = pytest.mark.unit
 GOLDEN = Path(__file__).parent / "golden" / "job.sbatch"

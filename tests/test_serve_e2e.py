@@ -154,7 +154,7 @@ def test_docker_pipeline_parallel_endpoint(testbed: dict[str, str]) -> None:
 def test_podman_tensor_parallel_across_nodes_through_the_api(testbed: dict[str, str]) -> None:
     """The Python API end to end: submit → wait (with progress) → endpoint → chat → cancel."""
     import slurm_vllm
-    from slurm_vllm.records import HeadInfo
+    from slurm_vllm.core.records import HeadInfo
 
     seen: list[str] = []
     job = slurm_vllm.submit(CONFIGS / "test-podman-tp2.yaml")

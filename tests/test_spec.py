@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_vllm import spec
-from slurm_vllm.errors import SpecError
+from slurm_vllm.core import spec
+from slurm_vllm.core.errors import SpecError
 
 pytestmark = pytest.mark.unit
 MINIMAL = {"name": "t", "model": {"path": "/models/m"}}

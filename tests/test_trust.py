@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from slurm_vllm import node
-from slurm_vllm.errors import JobFolderError
-from slurm_vllm.jobdir import JobDir
-from slurm_vllm.plan import Plan
-from slurm_vllm.records import Endpoint, Stage
-from slurm_vllm.render import PLAN_SEPARATOR
+from slurm_vllm.core.errors import JobFolderError
+from slurm_vllm.core.jobdir import JobDir
+from slurm_vllm.core.plan import Plan
+from slurm_vllm.core.records import Endpoint, Stage
+from slurm_vllm.core.render import PLAN_SEPARATOR
+from slurm_vllm.node import entry as node
 
 pytestmark = pytest.mark.unit
 NOBODY = 65534
@@ -208,7 +208,7 @@ def test_a_planted_link_inside_a_job_folder_is_never_followed(tmp_path: Path) ->
     """A container running as root with the folder bound can replace api_key by a link to any file of
     the user's: it would be sent as the Bearer token to the URL the folder names. Refused, as is a
     stage file that is a link, and a key file others can read."""
-    from slurm_vllm.api import job as job_of
+    from slurm_vllm.login.api import job as job_of
 
     home_secret = tmp_path / "id_ed25519"
     home_secret.write_text("PRIVATE KEY\n")
@@ -293,8 +293,8 @@ def test_a_planted_default_output_is_refused_at_submit_and_on_the_node(tmp_path:
     """The default output <jobs_root>/<name>.results.jsonl, made first by `nobody` with a line for
     each custom_id: it would make the job DONE having sent nothing. validate (as submit) refuses it,
     and so does the driver's own open on the node."""
-    from slurm_vllm.batchdriver import Driver
-    from slurm_vllm.batchio import BatchInputError
+    from slurm_vllm.batch.driver import Driver
+    from slurm_vllm.batch.reader import BatchInputError
 
     spec = batch_spec(tmp_path, scratch)
     forged(scratch / "b.results.jsonl")
@@ -306,7 +306,7 @@ def test_a_planted_default_output_is_refused_at_submit_and_on_the_node(tmp_path:
 
 
 def test_planted_parts_are_never_merged(tmp_path: Path, scratch: Path) -> None:
-    from slurm_vllm.batchio import BatchInputError, merge
+    from slurm_vllm.batch.reader import BatchInputError, merge
 
     spec = batch_spec(tmp_path, scratch)
     parts = scratch / "b.results.jsonl.parts"
@@ -322,8 +322,8 @@ def test_an_output_that_is_a_link_cuts_nothing_it_points_to(tmp_path: Path, scra
     """A link planted as the output to a file of the victim's whose last line has no newline: a
     repair through it would cut that line. Refused at submit and by the node's open; the file is
     untouched."""
-    from slurm_vllm.batchdriver import Driver
-    from slurm_vllm.batchio import BatchInputError, merge
+    from slurm_vllm.batch.driver import Driver
+    from slurm_vllm.batch.reader import BatchInputError, merge
 
     victim = tmp_path / "notes.txt"
     victim.write_text("line one\nunfinished line")
@@ -360,7 +360,7 @@ def test_an_index_entry_cannot_lead_list_or_cancel_elsewhere(tmp_path: Path) -> 
     """The index (~/.slurm_vllm/index) names jobs by id: an entry whose job_id is a path (`../../x`)
     made `list` delete an arbitrary *.json, one naming another job made `cancel` hit that job. Such
     entries are skipped, and nothing outside the index is removed."""
-    from slurm_vllm import index
+    from slurm_vllm.core import index
 
     os.environ["SLURM_VLLM_INDEX"] = str(tmp_path / "index")
     try:
@@ -384,9 +384,9 @@ def test_an_output_answers_one_input_only(tmp_path: Path, scratch: Path) -> None
     """Lines of another batch with the same custom_ids (or of this input before it was edited) would
     count as done with answers to other prompts. The output records its input (path and digest):
     another input's output, or one with lines and no record, is refused at validate and on the node."""
-    from slurm_vllm.batchdriver import Driver
-    from slurm_vllm.batchio import BatchInputError
-    from slurm_vllm.batchout import input_digest, record_path, write_record
+    from slurm_vllm.batch.driver import Driver
+    from slurm_vllm.batch.output import input_digest, record_path, write_record
+    from slurm_vllm.batch.reader import BatchInputError
 
     spec = batch_spec(tmp_path, scratch)
     inp, out = tmp_path / "in.jsonl", scratch / "b.results.jsonl"
@@ -447,7 +447,7 @@ def test_a_planted_temporary_name_cannot_redirect_a_write_in_a_shared_folder(tmp
     """The output's record is written atomically beside the output, in shared scratch: the temporary
     name is unpredictable and created new, so links `nobody` planted under the names an older scheme
     (the pid) would use redirect nothing; the victim's file is untouched."""
-    from slurm_vllm.jobdir import atomic_write
+    from slurm_vllm.core.jobdir import atomic_write
 
     victim = tmp_path / "notes.txt"
     victim.write_text("keep me\n")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 
 RANK = """
 import subprocess, sys, time
-from slurm_vllm.watchdog import Watchdog
+from slurm_vllm.node.watchdog import Watchdog
 dog = Watchdog()
 child = subprocess.Popen(["sh", "-c", "sleep 1000 & sleep 1000"], start_new_session=True)
 dog.watch(child.pid)
@@ -57,7 +57,7 @@ def test_a_rank_killed_outright_leaves_no_process_and_its_cleanup_runs(tmp_path:
 def test_signals_for_the_rank_do_not_stop_the_watchdog_and_done_disarms_it() -> None:
     """scancel's SIGTERM reaches every process of the step: the watchdog ignores it (it acts on the
     rank's death only); after `done` (the rank tore down itself) it exits and touches nothing."""
-    from slurm_vllm.watchdog import Watchdog
+    from slurm_vllm.node.watchdog import Watchdog
 
     dog = Watchdog()
     child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
@@ -75,7 +75,7 @@ def test_signals_for_the_rank_do_not_stop_the_watchdog_and_done_disarms_it() -> 
 def test_children_outlive_the_time_limit_signal_until_the_rank_stops_them(tmp_path: Path) -> None:
     """Slurm's SIGUSR2 (--signal=USR2@90) reaches every process of the step: a rank's child must not
     die of it (a batch drains its requests first), yet SIGTERM from the rank's teardown ends it."""
-    from slurm_vllm import proc
+    from slurm_vllm.core import proc
 
     child = proc.spawn("sleeper", ["python3", "-c", "import time; time.sleep(60)"], tmp_path / "s.log")
     try:

@@ -1,0 +1,262 @@
+"""JobSpec (+ the model's config.json when readable) → Plan: TP×PP, ports, Ray and vLLM argv."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from slurm_vllm.core import safefile
+from slurm_vllm.core.errors import PlanError
+from slurm_vllm.core.records import Record
+from slurm_vllm.core.spec import JobSpec, Scalar
+
+# Ports: one block of BLOCK ports per job, below Linux's ephemeral range (32768-60999) and above
+# Ray's default worker range (10002-19999); the block is chosen from the job id and probed on
+# every node, moving to the next block on a collision.
+PORT_BASE = 20000
+BLOCK = 64
+SLOTS = (32768 - PORT_BASE) // BLOCK
+
+
+class Mode(str, enum.Enum):
+    """What a job runs: an endpoint, a batch, the all-reduce alone, or the Ray cluster alone."""
+
+    SERVE = "serve"
+    BATCH = "batch"
+    PREFLIGHT = "preflight"        # `preflight`: the cross-node all-reduce, then DONE
+    RAY = "ray"                    # `preflight --ray`: the Ray cluster and its barrier, then DONE
+
+
+class Backend(str, enum.Enum):
+    """How vLLM's processes span the nodes (node/launchers.py has one launcher for each)."""
+
+    RAY = "ray"                    # a Ray cluster and vLLM's Ray executor
+    MP = "mp"                      # vLLM's own launcher (--nnodes/--node-rank/--headless)
+
+
+@dataclass(frozen=True)
+class Parallel:
+    tp: int
+    pp: int
+
+
+@dataclass(frozen=True)
+class Ports:
+    """All the ports one node of one job listens on."""
+
+    gcs: int
+    client: int
+    node_manager: int
+    object_manager: int
+    runtime_env_agent: int
+    metrics: int
+    dashboard_agent_grpc: int
+    dashboard_agent_listen: int
+    api: int
+    autoscaler_metrics: int     # Ray's autoscaler monitor on the head (Ray's fixed default 44217 collides)
+    min_worker: int
+    max_worker: int
+
+    def all(self) -> list[int]:
+        fixed = [v for k, v in asdict(self).items() if k not in ("min_worker", "max_worker")]
+        return fixed + list(range(self.min_worker, self.max_worker + 1))
+
+
+@dataclass(frozen=True)
+class Plan(Record):
+    """`plan.json`: everything a rank needs to run its part, decided once where the script is made
+    (spec → plan); the nodes read it and never plan again."""
+
+    KIND: ClassVar[str] = "plan"
+    name: str
+    nodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    served_name: str
+    model_path: str
+    vllm_args: tuple[str, ...]
+    gcs_port: int | None
+    api_port: int | None
+    ready_timeout: int
+    api_key: bool
+    preflight: bool = False        # run the cross-node all-reduce before Ray and vLLM
+    mode: Mode = Mode.SERVE
+    shards: int = 1                # a sharded batch: the job array's size (each task one shard)
+    backend: Backend = Backend.RAY
+
+
+def factorizations(total: int) -> list[tuple[int, int]]:
+    return [(tp, total // tp) for tp in range(1, total + 1) if total % tp == 0]
+
+
+def _choices(total: int) -> str:
+    return ", ".join(f"TP{tp}xPP{pp}" for tp, pp in factorizations(total))
+
+
+def choose_parallel(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Parallel:
+    """TP×PP from the spec (auto: TP = gpus_per_node, PP = nodes), checked against the model."""
+    nodes, gpn = spec.slurm.nodes, max(spec.slurm.gpus_per_node, 1)
+    total = nodes * gpn
+    tensor, pipeline = spec.parallelism.tensor, spec.parallelism.pipeline
+    if tensor == "auto" and pipeline == "auto":
+        tp, pp = gpn, nodes
+    elif tensor == "auto":
+        assert pipeline != "auto"
+        tp, pp = total // pipeline if total % pipeline == 0 else 0, pipeline
+    elif pipeline == "auto":
+        tp, pp = tensor, total // tensor if total % tensor == 0 else 0
+    else:
+        tp, pp = tensor, pipeline
+    if tp * pp != total:
+        raise PlanError(
+            f"parallelism.tensor x parallelism.pipeline must equal slurm.nodes x slurm.gpus_per_node "
+            f"= {nodes}x{gpn} = {total} GPUs, got tensor={tensor}, pipeline={pipeline}; "
+            f"valid choices: {_choices(total)}")
+    if model_config:
+        _check_model(model_config, tp, pp, total)
+    return Parallel(tp, pp)
+
+
+def _model_numbers(config: dict[str, Any]) -> tuple[int | None, int | None, int | None]:
+    """(attention heads, KV heads, layers) from a model's config.json (text_config first, for
+    multimodal models); PlanError when one is there but not a positive whole number."""
+    text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise PlanError(f"model.path: config.json: text_config is {type(text).__name__}, not an object")
+    out: list[int | None] = []
+    for key in ("num_attention_heads", "num_key_value_heads", "num_hidden_layers"):
+        value = text.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise PlanError(f"model.path: config.json: {key} is {value!r}, not a positive whole number")
+        out.append(value)
+    heads, kv_heads, layers = out
+    return heads, kv_heads if kv_heads is not None else heads, layers
+
+
+def _check_model(config: dict[str, Any], tp: int, pp: int, total: int) -> None:
+    heads, kv_heads, layers = _model_numbers(config)
+    valid = [(t, p) for t, p in factorizations(total)
+             if (not heads or heads % t == 0) and (not kv_heads or kv_heads % t == 0 or t % kv_heads == 0)
+             and (not layers or layers >= p)]
+    valid_text = ", ".join(f"TP{t}xPP{p}" for t, p in valid) or "none (use fewer GPUs)"
+    if heads and heads % tp:
+        raise PlanError(f"parallelism.tensor={tp}: the model's {heads} attention heads do not divide by "
+                        f"{tp}; valid choices for this model: {valid_text}")
+    if kv_heads and kv_heads % tp and tp % kv_heads:
+        raise PlanError(f"parallelism.tensor={tp}: the model's {kv_heads} KV heads neither divide by nor "
+                        f"divide {tp}; valid choices for this model: {valid_text}")
+    if layers and layers < pp:
+        raise PlanError(f"parallelism.pipeline={pp}: the model has only {layers} layers; "
+                        f"valid choices for this model: {valid_text}")
+
+
+MAX_MODEL_CONFIG = 4 << 20       # config.json of the largest models is some 10 KB
+
+
+def read_model_config(model_path: str) -> dict[str, Any] | None:
+    """The model's config.json when the login node sees one (None: not here, e.g. only inside the
+    container or on the nodes, and the check is left to vLLM); PlanError when it is there but broken."""
+    path = Path(model_path) / "config.json"
+    try:
+        if not path.exists():
+            return None
+    except OSError as exc:             # a path component over the file system's 255 bytes
+        raise PlanError(f"model.path: {exc.strerror}: {model_path[:80]}…") from None
+    try:
+        raw = safefile.read_input(path, MAX_MODEL_CONFIG)
+    except IsADirectoryError:
+        raise PlanError(f"model.path: {path} is a folder, not the model's config file") from None
+    except OSError as exc:
+        raise PlanError(f"model.path: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise PlanError(f"model.path: {path}: {exc}") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise PlanError(f"model.path: {path}: not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"model.path: {path}: a JSON {type(data).__name__}, not the model's config object")
+    return data
+
+
+def _flag(key: str, value: Scalar) -> list[str]:
+    name = "--" + key.replace("_", "-")
+    if value is True:
+        return [name]
+    if value is False:
+        return []
+    return [name, str(value)]
+
+
+def vllm_flags(args: dict[str, Scalar]) -> tuple[str, ...]:
+    """vllm.args (checked in spec) as `vllm serve` flags."""
+    out: list[str] = []
+    for key, value in args.items():
+        out += _flag(key.replace("-", "_"), value)
+    return tuple(out)
+
+
+def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
+    """The plan for SPEC; MODEL_CONFIG defaults to the model's config.json if readable here."""
+    config = model_config if model_config is not None else read_model_config(spec.model.path)
+    par = choose_parallel(spec, config)
+    return Plan(
+        name=spec.name, nodes=spec.slurm.nodes, gpus_per_node=spec.slurm.gpus_per_node,
+        tp=par.tp, pp=par.pp, served_name=spec.model.name, model_path=spec.model.path,
+        vllm_args=vllm_flags(spec.vllm.args),
+        gcs_port=None if spec.ray.port == "auto" else spec.ray.port,
+        api_port=None if spec.vllm.port == "auto" else spec.vllm.port,
+        ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto", preflight=spec.preflight,
+        mode=Mode(spec.mode), shards=spec.batch.shards if spec.mode == "batch" else 1,
+        backend=Backend(spec.backend),
+    )
+
+
+def ports(plan: Plan, job_id: int, attempt: int = 0) -> Ports:
+    """The port block for JOB_ID (ATTEMPT moves to the next block after a collision)."""
+    base = PORT_BASE + ((job_id + attempt) % SLOTS) * BLOCK
+    return Ports(
+        gcs=plan.gcs_port or base, client=base + 1, node_manager=base + 2, object_manager=base + 3,
+        runtime_env_agent=base + 4, metrics=base + 5, dashboard_agent_grpc=base + 6,
+        dashboard_agent_listen=base + 7, api=plan.api_port or base + 8, autoscaler_metrics=base + 9,
+        min_worker=base + 16, max_worker=base + BLOCK - 1,
+    )
+
+
+def ray_argv(plan: Plan, ports: Ports, ip: str, head_address: str | None, cpus: int) -> list[str]:
+    """`ray start` for the head (HEAD_ADDRESS None) or a worker joining HEAD_ADDRESS."""
+    argv = ["ray", "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}",
+            f"--num-gpus={plan.gpus_per_node}", "--disable-usage-stats",
+            f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
+            f"--runtime-env-agent-port={ports.runtime_env_agent}", f"--metrics-export-port={ports.metrics}",
+            f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+            f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+            f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}"]
+    if head_address is None:
+        return [*argv, "--head", f"--port={ports.gcs}", f"--ray-client-server-port={ports.client}",
+                "--include-dashboard=false"]
+    return [*argv, f"--address={head_address}"]
+
+
+def vllm_argv(plan: Plan, ip: str, port: int, master: tuple[str, int] | None = None,
+              node_rank: int = 0, uds: str | None = None) -> list[str]:
+    """`vllm serve` on the head (Ray executor; or, for backend mp, node rank 0 of vLLM's own
+    launcher, MASTER: the head's address and the job's master port), or on node NODE_RANK > 0 of
+    the mp backend (headless: no API server; IP and PORT are not used). With UDS the API server
+    listens on that Unix socket only (the front door faces the network: frontdoor.py)."""
+    argv = ["vllm", "serve", plan.model_path, "--served-model-name", plan.served_name,
+            "--tensor-parallel-size", str(plan.tp), "--pipeline-parallel-size", str(plan.pp),
+            "--distributed-executor-backend", plan.backend.value]
+    if plan.backend is Backend.MP:
+        if master is None:
+            raise ValueError("backend mp: the master address and port are needed")
+        argv += ["--nnodes", str(plan.nodes), "--node-rank", str(node_rank), "--master-addr", master[0],
+                 "--master-port", str(master[1])]
+        if node_rank > 0:
+            return [*argv, "--headless", *plan.vllm_args]
+    where = ["--uds", uds] if uds else ["--host", ip, "--port", str(port)]
+    return [*argv, *where, *plan.vllm_args]

@@ -1,0 +1,220 @@
+"""Head and Worker against a fake launcher and a real job folder: what they do for every backend.
+
+The launcher is the only part faked (launchers.py holds the real ones, run by the e2e tier): its head
+part starts a small OpenAI-shaped server on the head's Unix socket (a real process, spawned and
+supervised as vLLM is), its worker part a process standing for the node's share. Everything else
+is the real thing: the job folder, the front door on a real port with the job's key, the readiness
+probes, supervision, a worker's failure file, the stop, the batch driver, teardown.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+
+from slurm_vllm.core.errors import ClusterError
+from slurm_vllm.core.jobdir import JobDir
+from slurm_vllm.core.plan import Backend, Mode, Plan, Ports
+from slurm_vllm.core.records import Endpoint, HeadInfo, RankFailure, Stage
+from slurm_vllm.node.head import Head
+from slurm_vllm.node.jobenv import JobEnv
+from slurm_vllm.node.launchers import Launcher
+from slurm_vllm.node.netid import Identity
+from slurm_vllm.node.rank import Rank
+from slurm_vllm.node.rankenv import Stopped
+from slurm_vllm.node.worker import Worker
+
+pytestmark = pytest.mark.unit
+
+# An OpenAI-shaped server on a Unix socket: /health, /v1/models, /v1/completions and chat.
+FAKE_SERVER = r"""
+import json, socketserver, sys
+from http.server import BaseHTTPRequestHandler
+path, model = sys.argv[1], sys.argv[2]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def address_string(self): return "unix"
+    def answer(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+    def do_GET(self):
+        self.answer({} if self.path == "/health" else {"data": [{"id": model}]})
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.answer({"choices": [{"text": "ok", "index": 0}], "model": body.get("model"),
+                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+S(path, H).serve_forever()
+"""
+
+
+class FakeLauncher(Launcher):
+    backend: ClassVar[Backend] = Backend.MP
+    ups: ClassVar[list[str]] = []
+
+    def head_up(self, head: Rank, ident: Identity, ports: Ports, sock: str, server_env: Path) -> None:
+        head.jd.write(head.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
+        head.spawn("vllm", [sys.executable, "-c", FAKE_SERVER, sock, head.plan.served_name], server_env)
+        self.ups.append("head")
+
+    def worker_up(self, worker: Any, ident: Identity, ports: Ports) -> None:
+        worker.spawn("part", [sys.executable, "-c", "import time; time.sleep(600)"])
+        self.ups.append(f"worker {worker.rank}")
+
+
+RANKS: list[Rank] = []
+
+
+@pytest.fixture(autouse=True)
+def _teardown() -> Iterator[None]:
+    FakeLauncher.ups.clear()
+    yield
+    while RANKS:
+        RANKS.pop().teardown()
+
+
+def job_folder(tmp_path: Path, plan_mode: Mode = Mode.SERVE, **spec: Any) -> JobDir:
+    data = {"name": "j", "model": {"path": "/m", "served_name": "tiny"},
+            "slurm": {"nodes": 2, "gpus_per_node": 1},
+            "container": {"runtime": "none"}, "network": {"interface": "lo"}, **spec}
+    plan = Plan(name="j", nodes=2, gpus_per_node=1, tp=1, pp=2, served_name="tiny", model_path="/m",
+                vllm_args=(), gcs_port=None, api_port=None, ready_timeout=60, api_key=True, mode=plan_mode)
+    jd = JobDir(tmp_path / "j-1")
+    jd.create(yaml.safe_dump(data), plan.to_json(), api_key=True)
+    return jd
+
+
+def make(cls: type[Rank], jd: JobDir, rank: int) -> Any:
+    job = JobEnv(rank=rank, job_id=4242 + rank, hosts=(socket.gethostname(), "other"), cpus=1, gpus=())
+    r = cls(jd, job, launcher=FakeLauncher())
+    RANKS.append(r)
+    return r
+
+
+def start(r: Rank) -> list[BaseException]:
+    """R.run() in a thread (R.thread); what it raised lands in the returned list."""
+    raised: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            r.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    r.thread = threading.Thread(target=body, daemon=True)  # type: ignore[attr-defined]
+    r.thread.start()  # type: ignore[attr-defined]
+    return raised
+
+
+def wait(what: str, fact: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not fact():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def get(ep: Endpoint, path: str, key: str | None) -> int:
+    conn = http.client.HTTPConnection(ep.host, ep.port, timeout=10)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_the_head_serves_through_its_door_and_fails_when_its_server_dies(tmp_path: Path) -> None:
+    jd = job_folder(tmp_path)
+    head = make(Head, jd, 0)
+    raised = start(head)
+    wait("READY", lambda: jd.read_stage().stage == Stage.READY or raised)
+    assert not raised, raised
+    assert FakeLauncher.ups == ["head"]
+    ep = Endpoint.read(jd.endpoint)
+    key = jd.api_key.read_text().strip()
+    assert ep.url == f"http://127.0.0.1:{ep.port}/v1" and ep.model == "tiny"
+    assert get(ep, "/v1/models", None) == 401 and get(ep, "/metrics", None) == 401
+    assert get(ep, "/v1/models", key) == 200 and get(ep, "/health", None) == 200
+    server = next(c for c in head.children if c.name == "vllm")
+    server.popen.kill()
+    wait("the failure", lambda: raised)
+    assert isinstance(raised[0], ClusterError) and "vllm exited" in str(raised[0]), raised
+    head.teardown()
+    assert not (head.socket_dir / "api.sock").exists()
+    with pytest.raises(OSError):
+        socket.create_connection((ep.host, ep.port), timeout=2)          # the door is closed
+
+
+def test_a_workers_failure_file_fails_the_serving_head_naming_it(tmp_path: Path) -> None:
+    jd = job_folder(tmp_path)
+    head = make(Head, jd, 0)
+    raised = start(head)
+    wait("READY", lambda: jd.read_stage().stage == Stage.READY or raised)
+    jd.write(jd.rank_failed(1), RankFailure(1, "node2", "ray-worker exited (code 1) on node2: boom"))
+    wait("the failure", lambda: raised)
+    assert isinstance(raised[0], ClusterError) and "node2" in str(raised[0]) and "boom" in str(raised[0])
+
+
+def test_a_stop_ends_the_head_and_teardown_leaves_no_child(tmp_path: Path) -> None:
+    jd = job_folder(tmp_path)
+    head = make(Head, jd, 0)
+    raised = start(head)
+    wait("READY", lambda: jd.read_stage().stage == Stage.READY or raised)
+    children = list(head.children)
+    head.stop_reason = "CANCELLED"
+    head.stop.set()
+    wait("the stop", lambda: raised)
+    assert isinstance(raised[0], Stopped) and str(raised[0]) == "CANCELLED"
+    head.teardown()
+    assert children and not any(c.alive() for c in children)
+
+
+def test_a_batch_head_sends_every_request_and_says_done(tmp_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                       "body": {"model": "tiny", "prompt": f"p{i}", "max_tokens": 1}}) + "\n"
+                           for i in range(50)))
+    out = tmp_path / "out.jsonl"
+    jd = job_folder(tmp_path, Mode.BATCH, mode="batch", batch={"input": str(inp), "output": str(out)})
+    head = make(Head, jd, 0)
+    head.run()
+    assert head.door is None                                 # a batch has no endpoint on the network
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"r{i}" for i in range(50))
+    assert head.done_detail.startswith("50/50 done"), head.done_detail
+
+
+def test_a_worker_takes_its_part_after_the_head_and_stops_when_it_is_done(tmp_path: Path) -> None:
+    jd = job_folder(tmp_path)
+    worker = make(Worker, jd, 1)
+    raised = start(worker)
+    time.sleep(0.3)
+    assert FakeLauncher.ups == [] and not raised              # nothing before the head published
+    jd.write(jd.head, HeadInfo("h", "127.0.0.1", "lo", 20000, 20008))
+    wait("its part", lambda: FakeLauncher.ups == ["worker 1"] or raised)
+    part = next(c for c in worker.children if c.name == "part")
+    jd.done.touch()
+    wait("its end", lambda: not worker.thread.is_alive(), timeout=10)
+    worker.teardown()
+    assert not part.alive() and not raised
+
+
+def test_a_worker_whose_head_ended_stops_instead_of_waiting(tmp_path: Path) -> None:
+    jd = job_folder(tmp_path)
+    worker = make(Worker, jd, 1)
+    raised = start(worker)
+    jd.write_stage(Stage.FAILED, "the head could not start")
+    wait("the stop", lambda: raised)
+    assert isinstance(raised[0], Stopped) and "the head ended" in str(raised[0])
+    assert FakeLauncher.ups == []
