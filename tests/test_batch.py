@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from slurm_vllm.batch.driver import BatchError, Driver
+from slurm_vllm.batch.merge import merge, part_path, shard_of
 from slurm_vllm.batch.output import input_digest, write_record
-from slurm_vllm.batch.reader import BatchInputError, done_ids, merge, part_path, repair, shard_of, validate
+from slurm_vllm.batch.reader import BatchInputError, done_ids, repair, validate
 from slurm_vllm.core.errors import ServeError
 from slurm_vllm.core.slurm import array_ids
 
@@ -318,7 +319,7 @@ def test_a_requests_shard_is_the_same_in_every_process(tmp_path: Path) -> None:
 
     ids = [f"req-{i}" for i in range(2000)]
     here = [shard_of(i, 4) for i in ids]
-    code = ("import sys, json; from slurm_vllm.batch.reader import shard_of; "
+    code = ("import sys, json; from slurm_vllm.batch.merge import shard_of; "
             "print(json.dumps([shard_of(i, 4) for i in json.load(sys.stdin)]))")
     there = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True,
                            text=True, check=True, env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin"})

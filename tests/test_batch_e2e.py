@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from slurm_vllm.batch.reader import shard_of
+from slurm_vllm.batch.merge import shard_of
 
 from .support.cli import cli, status, wait_stage
 from .support.reference import greedy_chat, greedy_completion

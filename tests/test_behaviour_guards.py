@@ -25,7 +25,8 @@ import yaml
 from slurm_vllm.batch.driver import BatchError, Driver
 from slurm_vllm.core import plan, spec
 from slurm_vllm.core.errors import ClusterError
-from slurm_vllm.core.jobdir import JobDir, link_job_id
+from slurm_vllm.core.jobdir import JobDir
+from slurm_vllm.core.jobsroot import link_job_id
 from slurm_vllm.core.plan import Plan
 from slurm_vllm.core.records import BatchProgress, Stage
 from slurm_vllm.login import api

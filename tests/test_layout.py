@@ -99,3 +99,10 @@ def test_the_tree_names_every_side() -> None:
     for side in sides:
         doc = ast.get_docstring(ast.parse((PACKAGE / side / "__init__.py").read_text()))
         assert doc and len(doc.splitlines()[0]) < 110, side
+
+
+def test_no_module_is_over_300_lines() -> None:
+    """A module that grows past 300 lines holds more than one job: split it by what it does."""
+    long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}

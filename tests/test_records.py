@@ -53,9 +53,13 @@ def test_round_trip_through_the_folder(record: object, tmp_path: Path) -> None:
     ('{"kind": "endpoint", "schema": 1}', "f.json: not a slurm_vllm head file (kind 'endpoint')"),
     ('{"kind": "head", "schema": 2, "host": "n"}', "f.json: schema 2, this slurm_vllm reads schema 1"),
     ('{"kind": "head", "schema": 1, "host": "n", "ip": "1.2.3.4", "interface": "eth0", "gcs_port": 1}',
-     "malformed head file: missing api_port"),
+     "malformed head file: api_port: required key is missing"),
     ('{"kind": "head", "schema": 1, "host": "n", "ip": "1.2.3.4", "interface": "eth0", "gcs_port": "x",'
-     ' "api_port": 2}', "malformed head file: gcs_port: expected int, got str"),
+     ' "api_port": 2}', "malformed head file: gcs_port: expected int, got 'x'"),
+        ('{"kind": "head", "schema": 1, "host": "n", "ip": "1.2.3.4", "interface": "eth0", "gcs_port": 1,'
+         ' "api_port": 2, "gcs_prot": 3}', "malformed head file: gcs_prot: unknown key; valid keys: host"),
+        ('{"kind": "head", "schema": 1, "host": "n", "ip": "1.2.3.4", "interface": "eth0", "gcs_port": true,'
+         ' "api_port": 2}', "malformed head file: gcs_port: expected int, got True"),
 ])
 def test_bad_files_are_one_line_errors(text: str, message: str, tmp_path: Path) -> None:
     path = tmp_path / "f.json"

@@ -306,7 +306,8 @@ def test_a_planted_default_output_is_refused_at_submit_and_on_the_node(tmp_path:
 
 
 def test_planted_parts_are_never_merged(tmp_path: Path, scratch: Path) -> None:
-    from slurm_vllm.batch.reader import BatchInputError, merge
+    from slurm_vllm.batch.merge import merge
+    from slurm_vllm.batch.reader import BatchInputError
 
     spec = batch_spec(tmp_path, scratch)
     parts = scratch / "b.results.jsonl.parts"
@@ -323,7 +324,8 @@ def test_an_output_that_is_a_link_cuts_nothing_it_points_to(tmp_path: Path, scra
     repair through it would cut that line. Refused at submit and by the node's open; the file is
     untouched."""
     from slurm_vllm.batch.driver import Driver
-    from slurm_vllm.batch.reader import BatchInputError, merge
+    from slurm_vllm.batch.merge import merge
+    from slurm_vllm.batch.reader import BatchInputError
 
     victim = tmp_path / "notes.txt"
     victim.write_text("line one\nunfinished line")

@@ -23,15 +23,15 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from slurm_vllm.batch.output import check_record, input_digest, open_output, write_record
-from slurm_vllm.batch.reader import check_request, done_ids, lines, repair_fd, request_id, shard_of
+from slurm_vllm.batch.merge import shard_of
+from slurm_vllm.batch.output import check_record, input_digest, open_output, result_line, write_record
+from slurm_vllm.batch.reader import check_request, done_ids, lines, repair_fd, request_id
 from slurm_vllm.core.errors import SlurmVllmError
 from slurm_vllm.core.records import BatchProgress
 from slurm_vllm.core.unixhttp import UnixHTTPConnection
@@ -269,29 +269,16 @@ class Driver:
             if self.stop.wait(backoff):
                 self._lose(f"HTTP {status} while stopping")
                 return
-        try:
-            answer: Any = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            answer = {"text": raw.decode(errors="replace")}
-        error = None if 200 <= status < 300 else {"code": str(status), "message": _message(answer)}
-        line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req["custom_id"],
-                "response": {"status_code": status, "request_id": request_id or f"req_{uuid.uuid4().hex}",
-                             "body": answer},
-                "error": error}
-        # A lone surrogate in the answer (\ud800) stays a JSON escape instead of failing to encode.
-        out = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", errors="backslashreplace")
-        usage = answer.get("usage") if isinstance(answer, dict) else None
-        tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)) \
-            if isinstance(usage, dict) else (0, 0)
+        line = result_line(req["custom_id"], status, raw, request_id)
         with self.lock:
             if self.closed:
                 return                   # after the drain: not written, runs again on resume
-            self.out.write(out)
+            self.out.write(line.data)
             self.out.flush()
             self.counts["done"] += 1
-            self.counts["ok" if error is None else "refused"] += 1
-            self.counts["tokens_in"] += tokens[0]
-            self.counts["tokens_out"] += tokens[1]
+            self.counts["ok" if line.ok else "refused"] += 1
+            self.counts["tokens_in"] += line.tokens_in
+            self.counts["tokens_out"] += line.tokens_out
 
     def _checked_since(self, since: float, wait: float = 5.0) -> bool:
         """Has the main loop's liveness check passed after SINCE (waiting up to WAIT s for it)? A
@@ -300,15 +287,3 @@ class Driver:
         while self.last_check <= since and not self.closed and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.last_check > since and not self.closed
-
-
-def _message(answer: Any) -> str:
-    """The error message of a refusal, whichever shape the server used ({"message"} or {"error":
-    {"message"}}), at most 2000 characters."""
-    if isinstance(answer, dict):
-        inner = answer.get("error")
-        if isinstance(inner, dict) and "message" in inner:
-            return str(inner["message"])[:2000]
-        if "message" in answer:
-            return str(answer["message"])[:2000]
-    return json.dumps(answer)[:2000]

@@ -20,12 +20,16 @@ import hashlib
 import json
 import os
 import stat
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from slurm_vllm.batch.reader import BatchInputError, verify_parts
 from slurm_vllm.core import safefile
 from slurm_vllm.core.errors import JobFolderError
-from slurm_vllm.core.jobdir import atomic_write, folder_problem, make_private_dir
+from slurm_vllm.core.jobdir import atomic_write, make_private_dir
+from slurm_vllm.core.jobsroot import folder_problem
 from slurm_vllm.core.safefile import owner_name
 
 
@@ -155,3 +159,44 @@ def write_record(output: Path, input_path: Path, digest: str) -> None:
     if os.path.islink(record):
         raise BatchInputError(f"batch.output: its record {record} is a link: refused")
     atomic_write(record, text, mode=0o600)
+
+
+@dataclass(frozen=True)
+class ResultLine:
+    """One line of a batch's output (OpenAI's batch output format), with what it counts for."""
+
+    data: bytes                # UTF-8 JSON and a newline
+    ok: bool                   # a 2xx answer (else the server refused the request: an error line)
+    tokens_in: int
+    tokens_out: int
+
+
+def result_line(custom_id: str, status: int, raw: bytes, request_id: str) -> ResultLine:
+    """The output line for CUSTOM_ID answered with STATUS and body RAW (x-request-id REQUEST_ID)."""
+    try:
+        answer: Any = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        answer = {"text": raw.decode(errors="replace")}
+    error = None if 200 <= status < 300 else {"code": str(status), "message": _message(answer)}
+    line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id or f"req_{uuid.uuid4().hex}",
+                         "body": answer},
+            "error": error}
+    # A lone surrogate in the answer (\ud800) stays a JSON escape instead of failing to encode.
+    data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", errors="backslashreplace")
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)) \
+        if isinstance(usage, dict) else (0, 0)
+    return ResultLine(data, error is None, *tokens)
+
+
+def _message(answer: Any) -> str:
+    """The error message of a refusal, whichever shape the server used ({"message"} or {"error":
+    {"message"}}), at most 2000 characters."""
+    if isinstance(answer, dict):
+        inner = answer.get("error")
+        if isinstance(inner, dict) and "message" in inner:
+            return str(inner["message"])[:2000]
+        if "message" in answer:
+            return str(answer["message"])[:2000]
+    return json.dumps(answer)[:2000]

@@ -19,7 +19,7 @@ from typing import Any
 from slurm_vllm import scripts
 from slurm_vllm.core.errors import ClusterError
 from slurm_vllm.core.jobdir import JobDir
-from slurm_vllm.core.records import PreflightResult, RayNodes, Stage
+from slurm_vllm.core.records import Malformed, PreflightResult, RayNodes, Stage
 
 SIZES = (1 << 16, 1 << 20, 1 << 24)        # bytes per all-reduce: 64 KiB, 1 MiB, 16 MiB
 
@@ -44,7 +44,7 @@ def verdict(raw: dict[str, Any], nccl_log: str, ib_requested: bool) -> Preflight
     proves a problem (wrong sums, or InfiniBand asked for and not used)."""
     try:
         result = PreflightResult.from_dict({k: raw[k] for k in ("backend", "world_size", "rows")})
-    except (KeyError, TypeError) as exc:
+    except (KeyError, Malformed) as exc:
         raise ClusterError(f"preflight: the all-reduce script wrote an unreadable result: {exc}") from None
     wrong = [r.bytes for r in result.rows if not r.correct]
     if wrong:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import enum
 import json
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from slurm_vllm.core import safefile
+from slurm_vllm.core.decode import Decoder
 from slurm_vllm.core.errors import JobFolderError
 
 SCHEMA = 1
@@ -51,39 +50,11 @@ FINAL = frozenset({Stage.DONE, Stage.FAILED, Stage.CANCELLED, Stage.TIMEOUT})
 R = TypeVar("R", bound="Record")
 
 
-def _check(name: str, value: Any, kind: Any) -> Any:
-    """VALUE converted to the annotated type KIND, or TypeError naming the field NAME."""
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is not type(None):
-                try:
-                    return _check(name, value, option)
-                except TypeError:
-                    continue
-        raise TypeError(f"{name}: {value!r} is not {kind}")
-    if origin is tuple:
-        inner = typing.get_args(kind)[0]
-        if not isinstance(value, list):
-            raise TypeError(f"{name}: expected a list, got {type(value).__name__}")
-        return tuple(_check(f"{name}[{i}]", v, inner) for i, v in enumerate(value))
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        try:
-            return kind(value)
-        except ValueError:
-            raise TypeError(f"{name}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
-    if isinstance(kind, type) and issubclass(kind, Record):
-        if not isinstance(value, dict):
-            raise TypeError(f"{name}: expected an object")
-        return kind.from_dict(value)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind in (str, int, float, bool) and (type(value) is not kind):
-        raise TypeError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
+class Malformed(Exception):
+    """A record file's content does not fit its record (from_json names the file)."""
+
+
+DECODER = Decoder(Malformed, root="the record")
 
 
 @dataclass(frozen=True)
@@ -105,13 +76,8 @@ class Record:
 
     @classmethod
     def from_dict(cls: type[R], data: dict[str, Any]) -> R:
-        hints = typing.get_type_hints(cls)
-        values = {f.name: _check(f.name, data[f.name], hints[f.name]) for f in fields(cls) if f.name in data}
-        missing = [f.name for f in fields(cls) if f.name not in values
-                   and f.default is MISSING and f.default_factory is MISSING]
-        if missing:
-            raise TypeError(f"missing {', '.join(missing)}")
-        return cls(**values)
+        """DATA (kind and schema left out) as this record, strictly: Malformed names the key."""
+        return DECODER.build(cls, {k: v for k, v in data.items() if k not in ("kind", "schema")})
 
     @classmethod
     def from_json(cls: type[R], text: str, source: Path | str = "") -> R:
@@ -130,7 +96,7 @@ class Record:
                                  f"(written by another version?)")
         try:
             return cls.from_dict(data)
-        except TypeError as exc:
+        except Malformed as exc:
             raise JobFolderError(f"{where}: malformed {cls.KIND} file: {exc}") from None
 
     @classmethod

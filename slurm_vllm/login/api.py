@@ -24,14 +24,16 @@ from typing import TYPE_CHECKING
 from slurm_vllm.core import index
 from slurm_vllm.core.errors import JobFolderError, SpecError, UsageError
 from slurm_vllm.core.index import IndexEntry
-from slurm_vllm.core.jobdir import JobDir, find, is_job_id
+from slurm_vllm.core.jobdir import JobDir, is_job_id
+from slurm_vllm.core.jobsroot import find
 from slurm_vllm.core.plan import Backend, Mode, Plan
 from slurm_vllm.core.spec import DEFAULT_JOBS_ROOT, BatchSpec, JobSpec
 from slurm_vllm.login.job import ArrayJob, Job, JobHandle, wait_target
 from slurm_vllm.login.status import JobEnded, Status
 
 if TYPE_CHECKING:
-    from slurm_vllm.batch.reader import InputSummary, MergeResult
+    from slurm_vllm.batch.merge import MergeResult
+    from slurm_vllm.batch.reader import InputSummary
 
 __all__ = ["ArrayJob", "Job", "JobEnded", "JobHandle", "Status", "Validation", "check_batch_input",
            "default_jobs_root", "job", "jobs", "load", "merge", "network_notice", "render", "submit",
@@ -118,7 +120,7 @@ def validate(spec: JobSpec | str | Path) -> Validation:
 def render(spec: JobSpec | str | Path, template: str | None = None) -> str:
     """The job as a plain sbatch script (the one submit hands to Slurm); makes jobs_root, where
     Slurm opens the batch log."""
-    from slurm_vllm.core.jobdir import prepare_jobs_root
+    from slurm_vllm.core.jobsroot import prepare_jobs_root
     from slurm_vllm.core.render import sbatch_text
 
     job_spec, plan = load(spec)
@@ -130,7 +132,7 @@ def render(spec: JobSpec | str | Path, template: str | None = None) -> str:
 def merge(ref: str | Path, jobs_root: Path | str | None = None) -> MergeResult:
     """Merge a sharded batch's parts into its output now (its last shard does it too); REF is the
     spec file or the job (id or folder)."""
-    from slurm_vllm.batch.reader import merge as merge_parts
+    from slurm_vllm.batch.merge import merge as merge_parts
     from slurm_vllm.core import spec as spec_mod
 
     if Path(ref).is_file():

@@ -97,7 +97,7 @@ class Job:
         the batch step's output (its last line), or that the nodes could not write it here."""
         from slurm_vllm.core.slurm import ended_detail
 
-        out = self.dir.path.parent / f"{self.dir.path.name}.out"
+        out = self.dir.batch_log
         said = f"the job ended before slurm_vllm started on the nodes (Slurm: {ended_detail(job_id)})"
         try:     # beside the folder, in jobs_root: checked like the folder's own files
             lines = [line for line in safefile.tail(out, 50) if line.strip()]
@@ -144,7 +144,7 @@ class Job:
 
     def log_files(self, rank: int | None = None) -> list[Path]:
         """The batch step's output, then Ray's, vLLM's and each task's; those of RANK only if given."""
-        batch = self._checked().path.parent / f"{self.dir.path.name}.out"
+        batch = self._checked().batch_log
         files = [*([batch] if batch.exists() else []), *sorted(self.dir.logs.glob("*.log")),
                  *sorted(self.dir.logs.glob("task-*.out"))]
         if rank is None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from slurm_vllm.core.errors import JobFolderError, SpecError, SubmitError
-from slurm_vllm.core.jobdir import make_private_dir, prepare_jobs_root
+from slurm_vllm.core.jobdir import make_private_dir
+from slurm_vllm.core.jobsroot import prepare_jobs_root
 from slurm_vllm.core.plan import Plan
 from slurm_vllm.core.render import sbatch_text
 from slurm_vllm.core.spec import JobSpec

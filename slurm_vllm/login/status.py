@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from slurm_vllm.batch.reader import merged_output
+from slurm_vllm.batch.merge import merged_output
 from slurm_vllm.core import safefile
 from slurm_vllm.core.errors import SlurmVllmError, WaitTimeout
 from slurm_vllm.core.records import BatchProgress, Stage, StageInfo

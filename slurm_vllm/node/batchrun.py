@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slurm_vllm.batch.driver import BatchError, Driver
+from slurm_vllm.batch.merge import merge, part_path
 from slurm_vllm.batch.output import private_parts
-from slurm_vllm.batch.reader import merge, part_path
 from slurm_vllm.core.records import BatchProgress, Stage
 from slurm_vllm.node.rankenv import Stopped
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from slurm_vllm.core import index
 from slurm_vllm.core import spec as spec_mod
 from slurm_vllm.core.errors import JobFolderError, SlurmVllmError
-from slurm_vllm.core.jobdir import JobDir, atomic_write, link_job_id
+from slurm_vllm.core.jobdir import JobDir, atomic_write
+from slurm_vllm.core.jobsroot import link_job_id
 from slurm_vllm.core.records import RankFailure, Stage
 from slurm_vllm.core.slurm import still_running
 from slurm_vllm.node.head import Head
@@ -70,7 +71,7 @@ def main(job_dir: str) -> int:
 def _batch_output(jd: JobDir) -> str:
     """The batch step's output so far (srun's messages), beside the job folder."""
     try:
-        return (jd.path.parent / f"{jd.path.name}.out").read_text(errors="replace")
+        return jd.batch_log.read_text(errors="replace")
     except OSError:
         return ""
 
