@@ -1,25 +1,25 @@
-"""Slurm hostlist expansion."""
+"""The nodes' host names: submitit's job environment (the submission engine's) expands Slurm's
+hostlist as Slurm itself does (`scontrol show hostnames`, the test bed's Slurm, with a minimal
+configuration: no controller is asked). Fails if submitit's reading changes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
+from submitit.slurm.slurm import SlurmJobEnvironment
 
-from slurm_vllm.core.errors import SlurmVllmError
-from slurm_vllm.node.hostlist import expand
-
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.slurm
 
 
-@pytest.mark.parametrize(("expr", "hosts"), [
-    ("node1", ["node1"]),
-    ("node[1-3]", ["node1", "node2", "node3"]),
-    ("gpu[01-02,07],login", ["gpu01", "gpu02", "gpu07", "login"]),
-    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
-    ("a[9-11]-ib", ["a9-ib", "a10-ib", "a11-ib"]),
-])
-def test_expand(expr: str, hosts: list[str]) -> None:
-    assert expand(expr) == hosts
-
-
-@pytest.mark.parametrize("expr", ["node[1-", "node]1", "node[a-b]", "node[3-1]"])
-def test_bad(expr: str) -> None:
-    with pytest.raises(SlurmVllmError, match="bad hostlist"):
-        expand(expr)
+@pytest.mark.parametrize("expr", ["node1", "node[1-3]", "gpu[01-02,07],login", "r[1-2]n[1-2]",
+                                  "gpu[0998-1001]", "a1,b[2-3],c[10-11,15]"])
+def test_submitits_hostnames_are_slurms(expr: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\n")
+    slurm = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True,
+                           check=True, env={**os.environ, "SLURM_CONF": str(conf)})
+    monkeypatch.setenv("SLURM_JOB_NODELIST", expr)
+    assert SlurmJobEnvironment().hostnames == slurm.stdout.split()

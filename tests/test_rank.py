@@ -41,16 +41,31 @@ def make_spec(runtime: str = "docker", **extra: object) -> spec.JobSpec:
     return spec.parse(data)
 
 
-def test_job_env_reads_slurm_once() -> None:
-    job = JobEnv.from_environ({"SLURM_PROCID": "1", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[07-08]",
-                               "SLURM_CPUS_PER_TASK": "16", "CUDA_VISIBLE_DEVICES": "0,1"})
-    assert job == JobEnv(rank=1, job_id=77, hosts=("gpu07", "gpu08"), cpus=16, gpus=("0", "1"))
+SLURM_VARS = ("SLURM_PROCID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_CPUS_PER_TASK",
+              "CUDA_VISIBLE_DEVICES",
+              "SLURM_RESTART_COUNT", "SLURM_ARRAY_TASK_ID")
+
+
+def job_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> JobEnv:
+    """JobEnv.from_environ() in a process environment holding just VALUES of Slurm's variables."""
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return JobEnv.from_environ()
+
+
+def test_job_env_reads_slurm_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    job = job_env(monkeypatch, SLURM_PROCID="1", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu[07-08],login2",
+                  SLURM_CPUS_PER_TASK="16", CUDA_VISIBLE_DEVICES="0,1")
+    assert job == JobEnv(rank=1, job_id=77, hosts=("gpu07", "gpu08", "login2"), cpus=16, gpus=("0", "1"))
     assert job.head_host == "gpu07"
-    requeued = JobEnv.from_environ({"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu07",
-                                    "SLURM_RESTART_COUNT": "2"})
+    requeued = job_env(monkeypatch, SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu07", SLURM_RESTART_COUNT="2")
     assert requeued.restart_count == 2 and job.restart_count == 0
     with pytest.raises(ClusterError, match="not inside a Slurm job: SLURM_JOB_ID, SLURM_JOB_NODELIST unset"):
-        JobEnv.from_environ({})
+        job_env(monkeypatch)
+    with pytest.raises(ClusterError, match="SLURM_JOB_NODELIST 'gpu\\[07-': not a hostlist"):
+        job_env(monkeypatch, SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu[07-")
 
 
 @pytest.mark.parametrize("runtime", ["none", "docker", "podman", "apptainer"])

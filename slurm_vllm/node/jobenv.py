@@ -6,8 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from submitit.slurm.slurm import SlurmJobEnvironment, SlurmParseException
+
 from slurm_vllm.core.errors import ClusterError
-from slurm_vllm.node import hostlist
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,23 @@ class JobEnv:
         return self.hosts[0]
 
     @staticmethod
-    def from_environ(env: Mapping[str, str] | None = None) -> JobEnv:
-        """Read SLURM_PROCID, SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_CPUS_PER_TASK, CUDA_VISIBLE_DEVICES,
-        SLURM_RESTART_COUNT."""
-        env = os.environ if env is None else env
+    def from_environ() -> JobEnv:
+        """This task's job from its environment: SLURM_PROCID, SLURM_JOB_ID, SLURM_CPUS_PER_TASK,
+        CUDA_VISIBLE_DEVICES, SLURM_RESTART_COUNT, and the hosts of SLURM_JOB_NODELIST as submitit's
+        job environment expands them (the submission engine's own reading of Slurm's hostlist)."""
+        env = os.environ
         missing = [k for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST") if not env.get(k)]
         if missing:
             raise ClusterError(f"not inside a Slurm job: {', '.join(missing)} unset")
+        try:
+            hosts = tuple(SlurmJobEnvironment().hostnames)
+        except SlurmParseException as exc:
+            raise ClusterError(f"SLURM_JOB_NODELIST {env['SLURM_JOB_NODELIST']!r}: not a hostlist "
+                               f"submitit can read: {exc.args[0]}") from None
         return JobEnv(
             rank=int(env.get("SLURM_PROCID", "0")),
             job_id=int(env["SLURM_JOB_ID"]),
-            hosts=tuple(hostlist.expand(env["SLURM_JOB_NODELIST"])),
+            hosts=hosts,
             cpus=int(env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1),
             gpus=tuple(g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g),
             restart_count=int(env.get("SLURM_RESTART_COUNT") or 0),
