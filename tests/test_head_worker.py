@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -25,7 +27,8 @@ import yaml
 from slurm_vllm.core.errors import ClusterError
 from slurm_vllm.core.jobdir import JobDir
 from slurm_vllm.core.plan import Backend, Mode, Plan, Ports
-from slurm_vllm.core.records import Endpoint, HeadInfo, RankFailure, Stage
+from slurm_vllm.core.records import Endpoint, HeadInfo, RankFailure, Rendezvous, Stage
+from slurm_vllm.node import heartbeat
 from slurm_vllm.node.head import Head
 from slurm_vllm.node.jobenv import JobEnv
 from slurm_vllm.node.launchers import Launcher
@@ -218,3 +221,71 @@ def test_a_worker_whose_head_ended_stops_instead_of_waiting(tmp_path: Path) -> N
     wait("the stop", lambda: raised)
     assert isinstance(raised[0], Stopped) and "the head ended" in str(raised[0])
     assert FakeLauncher.ups == []
+
+
+# -- the heartbeat: a peer node that stops answering on the job's network ------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_worker_node_that_stops_answering_fails_the_head_naming_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heartbeat, "SILENCE", 2.0)
+    jd = job_folder(tmp_path)
+    head = make(Head, jd, 0)
+    raised = start(head)
+    wait("READY", lambda: jd.read_stage().stage == Stage.READY or raised)
+    port = free_port()
+    worker_node = heartbeat.Beacon("127.0.0.1", port)            # rank 1's node, answering
+    jd.write(jd.heartbeat(1), Rendezvous("127.0.0.1", port))
+    time.sleep(3)                                                  # answered: nothing happens
+    assert not raised and head.peers is not None and head.peers.watching("1")
+    worker_node.stop()                                             # its link goes down
+    lost = time.monotonic()
+    wait("the failure", lambda: raised, timeout=20)
+    assert isinstance(raised[0], ClusterError), raised
+    said = str(raised[0])
+    assert said.startswith("other (127.0.0.1) stopped answering at "), said
+    assert "no answer on the job's network" in said
+    assert time.monotonic() - lost < 2.0 + 10                     # SILENCE, then the next looks
+    assert head.lost == said
+
+
+def test_a_worker_that_loses_the_head_stops_its_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heartbeat, "SILENCE", 2.0)
+    jd = job_folder(tmp_path)
+    port = free_port()
+    head_node = heartbeat.Beacon("127.0.0.1", port)
+    worker = make(Worker, jd, 1)
+    raised = start(worker)
+    jd.write(jd.head, HeadInfo("h", "127.0.0.1", "lo", 20000, 20008, port))
+    wait("its part", lambda: FakeLauncher.ups == ["worker 1"] or raised)
+    assert Rendezvous.read(jd.heartbeat(1)).ip == "127.0.0.1"       # where the head probes it
+    head_node.stop()
+    wait("the stop", lambda: raised, timeout=20)
+    assert isinstance(raised[0], ClusterError) and str(raised[0]).startswith("lost the head: ") \
+        and "(the head) (127.0.0.1) stopped answering" in str(raised[0]), raised
+    part = next(c for c in worker.children if c.name == "part")
+    worker.teardown()
+    assert not part.alive()
+
+
+def test_a_node_too_busy_to_run_still_answers_the_heartbeat(tmp_path: Path) -> None:
+    """The handshake is the kernel's: a node program stopped outright (SIGSTOP, the extreme of a
+    starved CPU) still completes every probe, so load alone never makes a node look gone."""
+    port = free_port()
+    code = ("import sys, time; from slurm_vllm.node.heartbeat import Beacon; "
+            f"b = Beacon('127.0.0.1', {port}); print('ready', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGSTOP)
+        assert all(heartbeat.probe("127.0.0.1", port) for _ in range(20))
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait()
+    assert not heartbeat.probe("127.0.0.1", port)                 # gone: refused at once

@@ -154,6 +154,10 @@ class JobDir:
     def rank_log(self, role: str, rank: int) -> Path:
         return self.logs / f"{role}-{rank}.log"
 
+    def heartbeat(self, rank: int) -> Path:
+        """Where worker RANK answers heartbeat probes (a Rendezvous record: its address, its port)."""
+        return self.path / f"rank-{rank}.heartbeat.json"
+
     def rank_failed(self, rank: int) -> Path:
         return self.path / f"rank-{rank}.failed"
 

@@ -57,6 +57,7 @@ class Ports:
     dashboard_agent_listen: int
     api: int
     autoscaler_metrics: int     # Ray's autoscaler monitor on the head (Ray's fixed default 44217 collides)
+    heartbeat: int              # the node program's own: other ranks probe it (node/heartbeat.py)
     min_worker: int
     max_worker: int
 
@@ -223,6 +224,7 @@ def ports(plan: Plan, job_id: int, attempt: int = 0) -> Ports:
         gcs=plan.gcs_port or base, client=base + 1, node_manager=base + 2, object_manager=base + 3,
         runtime_env_agent=base + 4, metrics=base + 5, dashboard_agent_grpc=base + 6,
         dashboard_agent_listen=base + 7, api=plan.api_port or base + 8, autoscaler_metrics=base + 9,
+        heartbeat=base + 10,
         min_worker=base + 16, max_worker=base + BLOCK - 1,
     )
 

@@ -132,6 +132,7 @@ class HeadInfo(Record):
     interface: str
     gcs_port: int
     api_port: int
+    heartbeat_port: int = 0      # the head's heartbeat (node/heartbeat.py); 0: a 1-node job has none
 
 
 @dataclass(frozen=True)

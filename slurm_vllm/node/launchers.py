@@ -92,7 +92,8 @@ class RayLauncher(Launcher):
         head.spawn("ray-head", head.runtime.start(ray_argv(head.plan, ports, ident.ip, None, head.job.cpus)))
         head.wait_for(f"the Ray head's port {ident.ip}:{ports.gcs}",
                       lambda: port_open(ident.ip, ports.gcs), head.plan.ready_timeout)
-        head.jd.write(head.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
+        head.jd.write(head.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api,
+                                                    ports.heartbeat))
         head.jd.write_stage(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
 
     def join(self, head: Rank, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
@@ -159,7 +160,8 @@ class MpLauncher(Launcher):
         """head.json names the master (this node's address, or loopback for a 1-node job; the
         job's planned GCS port as vLLM's master port); each worker starts its part as soon as
         head.json is there, and a worker's failure file fails the job while vLLM waits for it."""
-        head.jd.write(head.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api))
+        head.jd.write(head.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api,
+                                                    ports.heartbeat))
         master = LOOPBACK[0] if loopback_only(head.plan) else ident.ip
         argv = vllm_argv(head.plan, ident.ip, ports.api, master=(master, ports.gcs), node_rank=0, uds=sock)
         head.spawn("vllm", head.runtime.start(argv, env_file=server_env), server_env)

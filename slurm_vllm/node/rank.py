@@ -3,30 +3,31 @@ runtime, the preflight, children and teardown (head.py and worker.py build on it
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from slurm_vllm.core import preflight as preflight_mod
 from slurm_vllm.core import proc, safefile
 from slurm_vllm.core.errors import ClusterError, JobFolderError
 from slurm_vllm.core.jobdir import JobDir, make_private_dir, read_secret, write_secret
 from slurm_vllm.core.plan import Mode, Plan, Ports
-from slurm_vllm.core.records import RankFailure, Rendezvous, Stage
+from slurm_vllm.core.records import RankFailure, Rendezvous
 from slurm_vllm.core.spec import JobSpec
 from slurm_vllm.node.container import Runtime, env_file_text
 from slurm_vllm.node.frontdoor import FrontDoor
+from slurm_vllm.node.heartbeat import SUSPECT, Beacon, Watch, says
 from slurm_vllm.node.jobenv import JobEnv
 from slurm_vllm.node.launchers import Launcher, launcher_for
 from slurm_vllm.node.netid import Identity
 from slurm_vllm.node.portclaim import PortClaims
+from slurm_vllm.node.preflightrun import run_preflight
 from slurm_vllm.node.probes import port_free
 from slurm_vllm.node.rankenv import Stopped, choose_ports, environment, loopback_only
 from slurm_vllm.node.watchdog import Watchdog
@@ -59,6 +60,10 @@ class Rank:
         self.serving = False                 # vLLM answered the readiness probes
         self.socket_dir = self.jd.path               # where vLLM's API socket is (private_socket_dir)
         self.door: FrontDoor | None = None       # the endpoint's front door (serve mode, rank 0)
+        self.beacon: Beacon | None = None        # multi-node: this node answers heartbeat probes
+        self.peers: Watch | None = None          # multi-node: the other ranks this one probes
+        self.interface = ""                      # the job's interface on this node
+        self.lost = ""                           # a peer node gone: what the failure says
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -81,7 +86,7 @@ class Rank:
         """ClusterError when a child of this rank died."""
         for child in self.children:
             if not child.alive():
-                raise ClusterError(f"{child.name} exited (code {child.returncode()}) on "
+                raise ClusterError(f"{self.suspect()}{child.name} exited (code {child.returncode()}) on "
                                    f"{socket.gethostname()}: {child.tail(8)}")
 
     def wait_for(self, what: str, fact: Callable[[], bool], timeout: float) -> None:
@@ -136,50 +141,45 @@ class Rank:
     def setup(self, ident: Identity) -> Ports | None:
         """This rank's ports and runtime, then the preflight if asked; None: the job was only that."""
         ports = self.choose_ports()
+        self.start_heartbeat(ident, ports)
         self._runtime = self.make_runtime(ident, ports)
         if self.wants_preflight:
-            self.preflight(ident, ports)
+            run_preflight(self, ident, ports)
             if self.plan.mode is Mode.PREFLIGHT:
                 return None
         return ports
 
+    def start_heartbeat(self, ident: Identity, ports: Ports) -> None:
+        """Multi-node: answer probes on the job's address, say where (a worker: in the job folder;
+        the head: in head.json), and probe the peers (heartbeat.py)."""
+        if self.plan.nodes < 2:
+            return
+        try:
+            self.beacon = Beacon(ident.ip, ports.heartbeat)
+        except OSError as exc:
+            raise ClusterError(f"the heartbeat port {ident.ip}:{ports.heartbeat}: {exc.strerror}") from None
+        self.peers, self.interface = Watch(), ident.interface
+        if self.rank > 0:
+            self.jd.write(self.jd.heartbeat(self.rank), Rendezvous(ident.ip, ports.heartbeat))
+
+    def check_peers(self) -> None:
+        """ClusterError naming the peer node that stopped answering on the job's network."""
+        gone = self.peers.gone() if self.peers is not None else []
+        if gone:
+            self.lost = says(gone[0], self.interface)
+            raise ClusterError(self.lost if self.rank == 0 else
+                               f"lost the head: {self.lost}; this node's processes are stopped")
+
+    def suspect(self) -> str:
+        """A peer silent for a few seconds when a child died: the likely cause, named first."""
+        silent = self.peers.silent(SUSPECT) if self.peers is not None else []
+        if silent:
+            self.lost = says(silent[0], self.interface)
+        return f"{self.lost}; " if silent else ""
+
     @property
     def wants_preflight(self) -> bool:
         return self.plan.mode is Mode.PREFLIGHT or self.plan.preflight
-
-    def preflight(self, ident: Identity, ports: Ports) -> None:
-        """Every rank: the cross-node all-reduce (preflight.py) in this rank's container."""
-        if self.rank == 0:
-            self.jd.write(self.jd.preflight_addr, Rendezvous(ident.ip, ports.client))
-            self.jd.write_stage(Stage.PREFLIGHT, f"all-reduce across {self.plan.nodes} nodes")
-        addr = Rendezvous.read(self.jd.preflight_addr)
-        out = self.jd.path / "preflight-raw.json"
-        argv = ["python3", "-c", preflight_mod.SCRIPT, str(self.rank), str(self.plan.nodes), addr.ip,
-                str(addr.port), str(out), ",".join(map(str, preflight_mod.SIZES))]
-        log_path = self.jd.rank_log("preflight", self.rank)
-        child = proc.spawn("preflight", self.runtime.start(argv, suffix="-preflight"), log_path,
-                           env=self.child_env())
-        self.watchdog.watch(child.popen.pid)
-        deadline = time.monotonic() + 300
-        try:
-            while child.alive():
-                if self.stop.is_set():
-                    raise Stopped(self.stop_reason or "stopped")
-                if time.monotonic() > deadline:
-                    raise ClusterError("preflight: no result within 300 s: a hang at process-group init "
-                                       "(check network.interface and that the nodes reach each other)")
-                self.stop.wait(POLL)
-        finally:
-            child.terminate(timeout=5)
-        if child.returncode():
-            raise ClusterError(f"preflight failed on {socket.gethostname()} (exit {child.returncode()}): "
-                               f"{child.tail(6)}")
-        if self.rank == 0:
-            result = preflight_mod.verdict(json.loads(out.read_text()), log_path.read_text(errors="replace"),
-                                           ib_requested=self.spec.nccl.ib_hca is not None)
-            self.jd.write(self.jd.preflight, result)
-            self.jd.write_stage(Stage.PREFLIGHT, f"ok: {result.transport}, "
-                                                 f"{result.rows[-1].busbw_GBps:.2f} GB/s bus bandwidth")
 
     def choose_ports(self) -> Ports:
         """This node's port block (rankenv.choose_ports), probed by binding each port here and
@@ -235,19 +235,32 @@ class Rank:
         raise NotImplementedError
 
     def check_workers(self) -> None:
-        """ClusterError when another rank wrote its failure file."""
-        for failed in self.jd.failed_ranks():
-            raise ClusterError(str(RankFailure.read(failed)))
+        """ClusterError when another rank wrote its failure file, or a worker's node stopped
+        answering (each worker is probed once it said where)."""
+        for failed in self.jd.failed_ranks():     # a peer silent meanwhile: the network went first
+            raise ClusterError(f"{self.suspect()}{RankFailure.read(failed)}")
+        if self.peers is not None:
+            for k in range(1, self.plan.nodes):
+                if not self.peers.watching(str(k)) and self.jd.heartbeat(k).exists():
+                    addr = Rendezvous.read(self.jd.heartbeat(k))
+                    self.peers.add(str(k), self.job.hosts[k], addr.ip, addr.port)
+        self.check_peers()
 
     # -- teardown ------------------------------------------------------------------------------
 
     def teardown(self) -> None:
         """Stop every child (SIGTERM, SIGKILL after 10 s; a vLLM that is still loading at once:
-        it ignores SIGTERM then, and nothing of it is worth saving), remove the containers."""
+        it ignores SIGTERM then, and nothing of it is worth saving; 3 s when a peer node is gone),
+        stop the heartbeat, remove the containers."""
         if self.door is not None:              # no new request reaches a vLLM that is stopping
             self.door.stop()
         proc.kill([c for c in self.children if c.name == "vllm" and not self.serving])
-        proc.terminate_all(self.children, timeout=10)
+        proc.terminate_all(self.children, timeout=3 if self.lost else 10)   # a peer gone: nothing to drain
+        if self.beacon is not None:
+            self.beacon.stop()
+        if self.peers is not None:
+            self.peers.stop()
+            print(self.peers.summary(), file=sys.stderr, flush=True)     # to logs/task-<rank>.out
         (self.socket_dir / API_SOCKET).unlink(missing_ok=True)
         if self.socket_dir != self.jd.path:
             shutil.rmtree(self.socket_dir, ignore_errors=True)

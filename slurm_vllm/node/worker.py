@@ -22,8 +22,12 @@ class Worker(Rank):
         if ports is None:
             return
         self.launcher.worker_up(self, ident, ports)
+        head = HeadInfo.read(self.jd.head)
+        if self.peers is not None and head.heartbeat_port:
+            self.peers.add("head", f"{self.job.head_host} (the head)", head.ip, head.heartbeat_port)
         while not self.jd.done.exists():
             self.check()
+            self.check_peers()
             self.stop.wait(POLL)
 
     def published(self, path: Path) -> bool:
