@@ -146,10 +146,12 @@ def test_a_requeued_job_starts_again_from_a_clean_folder(tmp_path: Path,
     key = jd.api_key.read_text()
     jd.done.touch()
     jd.rank_failed(1).write_text("{}")
+    jd.heartbeat(1).write_text("{}")              # run 1's worker address: run 2's may differ
     (jd.logs / "vllm-0.log").write_text("first run\n")
     jd.write_stage(Stage.FAILED, "node2 died")
     node.init(str(folder), None, embedded(tmp_path))
     assert not jd.done.exists() and jd.failed_ranks() == [] and not jd.endpoint.exists()
+    assert not jd.heartbeat(1).exists()
     assert jd.read_stage().stage == Stage.PENDING and "requeued" in jd.read_stage().detail
     assert (jd.logs / "vllm-0.log").read_text() == "first run\n" and jd.api_key.read_text() == key
     assert (tmp_path / "jobs" / "by-id" / "77").resolve() == folder

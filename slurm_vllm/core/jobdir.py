@@ -201,9 +201,11 @@ class JobDir:
 
     def restart(self) -> None:
         """A requeued job's second run: what the first run left (done, rank failures, endpoint, head,
-        Ray's nodes, preflight) is removed, the stage goes back to PENDING; logs and secrets stay."""
+        the workers' heartbeat addresses, Ray's nodes, preflight) is removed, the stage goes back to
+        PENDING; logs and secrets stay."""
         stale = [self.done, self.endpoint, self.head, self.ray_nodes, self.preflight, self.preflight_addr,
-                 self.path / "preflight-raw.json", self.requeue_mark, *self.failed_ranks()]
+                 self.path / "preflight-raw.json", self.requeue_mark, *self.failed_ranks(),
+                 *self.path.glob("rank-*.heartbeat.json")]
         for path in stale:
             path.unlink(missing_ok=True)
         self.write_stage(Stage.PENDING, "requeued: starting again")
