@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +92,21 @@ def terminate_all(children: Sequence[Child], timeout: float = 10) -> None:
     A group whose leader (the child) died already is signalled too: its other members (vLLM's
     worker processes after its `vllm serve` was killed) would otherwise live on as orphans. The
     group's id cannot be reused while any member lives; none left is ProcessLookupError."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.popen.pid, sig)
+    stop_groups([c.popen.pid for c in children], timeout, still=lambda: any(running(c) for c in children))
+
+
+def stop_groups(pgids: Sequence[int], grace: float, kill_wait: float = 5.0,
+                still: Callable[[], bool] | None = None) -> None:
+    """SIGTERM each process group of PGIDS, SIGKILL what is left after GRACE s, then wait up to
+    KILL_WAIT s for it to go. STILL() says whether anything is left (default: a member of a group
+    answers signal 0). The one TERM→grace→KILL of slurm_vllm: the rank's teardown and its watchdog."""
+    left = still or (lambda: any(group_alive(g) for g in pgids))
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        for pgid in pgids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
         deadline = time.monotonic() + wait
-        while any(running(c) for c in children) and time.monotonic() < deadline:
+        while left() and time.monotonic() < deadline:
             time.sleep(0.05)
 
 

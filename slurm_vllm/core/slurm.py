@@ -7,9 +7,6 @@ from dataclasses import dataclass
 
 from slurm_vllm.core import proc
 
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-         "BOOT_FAIL", "DEADLINE")
-
 
 @dataclass(frozen=True)
 class SlurmJob:

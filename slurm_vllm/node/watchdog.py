@@ -14,31 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from typing import IO
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+from slurm_vllm.core import proc
 
 
 def reap(groups: list[int], cleanup: list[list[str]], grace: float = 5.0) -> None:
     """SIGTERM each of GROUPS, SIGKILL those alive after GRACE seconds, then run each CLEANUP argv."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait
-        while any(_group_alive(g) for g in groups) and time.monotonic() < deadline:
-            time.sleep(0.1)
+    proc.stop_groups(groups, grace, kill_wait=0.0)
     for argv in cleanup:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
