@@ -82,3 +82,13 @@ def still_running(job_id: str) -> bool:
 
 def cancel(job_id: str) -> None:
     proc.run(["scancel", job_id], timeout=30)
+
+
+def end_job(job_id: str) -> bool:
+    """Ask slurmctld to end JOB_ID now: a node of it dropped off the network, and srun may never hear
+    from the tasks there again (it would hold the allocation until the time limit). False when
+    slurmctld cannot be reached from here (the node that lost its link: the other side asks)."""
+    try:
+        return proc.run(["scancel", job_id], check=False, timeout=15).returncode == 0
+    except proc.CommandError:
+        return False

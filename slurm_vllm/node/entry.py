@@ -20,7 +20,7 @@ from slurm_vllm.core.errors import JobFolderError, SlurmVllmError
 from slurm_vllm.core.jobdir import JobDir, atomic_write
 from slurm_vllm.core.jobsroot import link_job_id
 from slurm_vllm.core.records import RankFailure, Stage
-from slurm_vllm.core.slurm import still_running
+from slurm_vllm.core.slurm import end_job, still_running
 from slurm_vllm.node.head import Head
 from slurm_vllm.node.jobenv import JobEnv, shown_job_id
 from slurm_vllm.node.rank import Rank
@@ -63,6 +63,9 @@ def main(job_dir: str) -> int:
     rank.teardown()
     if job.rank == 0:
         jd.write_stage(stage, detail)
+    if rank.lost:                 # a node left the network: Slurm may never hear from its task again
+        print(f"slurm_vllm: {rank.lost}: job {job.job_id} ended through slurmctld: "
+              f"{'yes' if end_job(str(job.job_id)) else 'not reachable from here'}", file=sys.stderr)
     if error is not None and not isinstance(error, SlurmVllmError):
         raise error               # a bug: torn down and said, now the traceback for the task's log
     return 1 if own == Stage.FAILED else 0
