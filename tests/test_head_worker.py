@@ -289,3 +289,17 @@ def test_a_node_too_busy_to_run_still_answers_the_heartbeat(tmp_path: Path) -> N
         child.kill()
         child.wait()
     assert not heartbeat.probe("127.0.0.1", port)                 # gone: refused at once
+
+
+def test_a_node_whose_own_link_is_down_says_the_loss_is_on_its_side() -> None:
+    """In a fresh network namespace the loopback is down: the failure line says it is this side's."""
+    code = ("from slurm_vllm.node import heartbeat; import time; "
+            "p = heartbeat.Peer('node2', '10.0.0.2', 1, time.time() - 12, time.time() - 12); "
+            "print(heartbeat.interface_down('lo'), heartbeat.interface_down('nonexistent0')); "
+            "print(heartbeat.says(p, 'lo'))")
+    out = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "True False"
+    assert out[1].startswith("node2 (10.0.0.2) stopped answering at ") and out[1].endswith(
+        "(no answer on the job's network for 12 s); this node's own lo is down: the loss is on this side")
+    assert not heartbeat.interface_down("lo")                     # here: up

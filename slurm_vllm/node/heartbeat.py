@@ -12,16 +12,18 @@ are busy still answers, so load alone does not make a node look gone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 SILENCE = 10.0          # seconds without a completed connect before a peer counts as gone
 PROBE_EVERY = 1.0       # seconds between two probes of one peer
 CONNECT_TIMEOUT = 1.0   # one probe's wait for the handshake
 SUSPECT = 3.0           # a peer silent this long is named as the likely cause when a child dies
+SIOCGIFFLAGS, IFF_UP, IFF_RUNNING = 0x8913, 0x1, 0x40
 
 
 class Beacon:
@@ -129,12 +131,16 @@ def probe(ip: str, port: int) -> bool:
 
 
 def interface_down(interface: str) -> bool:
-    """Is this node's INTERFACE down (its link lost)? Then the silence is this node's own."""
-    try:
-        state = Path(f"/sys/class/net/{interface}/operstate").read_text().strip()
-    except OSError:
-        return False
-    return state == "down"
+    """Is this node's INTERFACE down (set down, or no carrier)? Then the silence is this node's own.
+    Asked of the kernel for this process's network namespace (SIOCGIFFLAGS), not of /sys, which
+    may show another namespace's interfaces."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, struct.pack("16sH", interface.encode()[:15], 0))
+        except OSError:
+            return False                      # no such interface here: nothing to say
+    flags = struct.unpack("16sH", raw[:18])[1]
+    return not (flags & IFF_UP and flags & IFF_RUNNING)
 
 
 def says(peer: Peer, interface: str, ours: bool = False) -> str:
