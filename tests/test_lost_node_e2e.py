@@ -132,5 +132,6 @@ def test_the_head_node_off_the_network_makes_the_worker_stop_its_processes(testb
     assert "lost the head: node1 (the head) (10.77.0.11) stopped answering at " in said, said
     st = wait_failed(job_id, time.monotonic(), 120)
     print(f"the head said: {st['detail'][:300]}")
-    assert st["stage"] == "FAILED" and "this node's own eth0 is down: the loss is on this side" in st["detail"], st
+    assert st["stage"] == "FAILED", st
+    assert "this node's own eth0 is down: the loss is on this side" in st["detail"], st
     wait_released(job_id, nodes=2, within=120)
