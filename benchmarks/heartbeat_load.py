@@ -45,6 +45,7 @@ def main() -> int:
     job = json.loads(out.stdout)
     job_id, job_dir = job["job_id"], Path(job["job_dir"])
     sending = None
+    cancelled = False
     while True:
         st = json.loads(subprocess.run([*cli, "status", job_id, "--json"], capture_output=True, text=True,
                                        cwd=ROOT, check=True).stdout)
@@ -52,8 +53,9 @@ def main() -> int:
             sending = time.monotonic()
         if st["stage"] in ("FAILED", "CANCELLED", "DONE", "TIMEOUT"):
             break
-        if sending is not None and time.monotonic() - sending >= args.minutes * 60:
-            subprocess.run([*cli, "cancel", job_id], cwd=ROOT, check=True)
+        if sending is not None and not cancelled and time.monotonic() - sending >= args.minutes * 60:
+            subprocess.run([*cli, "cancel", job_id], cwd=ROOT, check=True, capture_output=True)
+            cancelled = True
         time.sleep(2)
     under_load = time.monotonic() - (sending or time.monotonic())
     while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
