@@ -303,3 +303,17 @@ def test_a_node_whose_own_link_is_down_says_the_loss_is_on_its_side() -> None:
     assert out[1].startswith("node2 (10.0.0.2) stopped answering at ") and out[1].endswith(
         "(no answer on the job's network for 12 s); this node's own lo is down: the loss is on this side")
     assert not heartbeat.interface_down("lo")                     # here: up
+
+
+def test_only_failed_probes_make_a_peer_gone_not_a_prober_that_did_not_run() -> None:
+    """A peer last heard of long ago counts as gone only after probes failed for the whole silence
+    (at least two): a prober starved of CPU (no probe ran) says nothing."""
+    watch = heartbeat.Watch(silence=10)
+    watch.stop()
+    now = time.time()
+    watch.peers = {"starved": heartbeat.Peer("a", "10.0.0.1", 1, last_ok=now - 60),
+                   "failing": heartbeat.Peer("b", "10.0.0.2", 1, last_ok=now - 60, silent_since=now - 11,
+                                             failures=11),
+                   "new": heartbeat.Peer("c", "10.0.0.3", 1, last_ok=now - 60, silent_since=now - 5,
+                                         failures=5)}
+    assert [p.name for p in watch.gone()] == ["b"]

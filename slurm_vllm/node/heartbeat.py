@@ -3,10 +3,11 @@
 A job folder on a shared file system says nothing about the network the job uses (it often runs
 over another one, and on the test bed over none), so each node of a multi-node job answers TCP
 connects on its heartbeat port, on the job's address (Beacon), and the head probes every worker
-while a worker probes the head (Watch), once a second. A peer that has not completed a connect for
-SILENCE seconds is gone: the head fails the job naming it, a worker stops its own processes. The
-handshake is the kernel's (the listening socket's backlog), not the program's: a node whose CPUs
-are busy still answers, so load alone does not make a node look gone.
+while a worker probes the head (Watch), once a second. A peer whose probes have failed for SILENCE
+seconds is gone: the head fails the job naming it, a worker stops its own processes. The handshake
+is the kernel's (the listening socket's backlog), not the program's: a node whose CPUs are busy
+still answers; and a prober starved of CPU has seen no failed probe, so it says nothing. Load alone
+does not make a node look gone.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Peer:
     port: int
     last_ok: float            # time.time() of the last completed connect (or when watching began)
     silent_since: float = 0.0  # time.time() of the first failed probe after the last success; 0: none
+    failures: int = 0          # failed probes since the last success
     longest: float = 0.0       # the longest time between two completed connects seen (load's effect)
 
 
@@ -96,16 +98,20 @@ class Watch:
                     if ok:
                         now = time.time()
                         peer.longest = max(peer.longest, now - peer.last_ok)
-                        peer.last_ok, peer.silent_since = now, 0.0
-                    elif not peer.silent_since:
-                        peer.silent_since = time.time()
+                        peer.last_ok, peer.silent_since, peer.failures = now, 0.0, 0
+                    else:
+                        peer.silent_since = peer.silent_since or time.time()
+                        peer.failures += 1
             self.stopped.wait(PROBE_EVERY)
 
     def silent(self, for_at_least: float) -> list[Peer]:
-        """The peers with no completed connect for FOR_AT_LEAST seconds."""
+        """The peers whose probes have failed for FOR_AT_LEAST seconds, at least twice. Counted from
+        failed probes, not from the last answer: a prober that did not run (this node starved of CPU)
+        has seen no failure and says nothing."""
         now = time.time()
         with self.lock:
-            return [p for p in self.peers.values() if now - p.last_ok >= for_at_least]
+            return [p for p in self.peers.values()
+                    if p.failures >= 2 and now - p.silent_since >= for_at_least]
 
     def gone(self) -> list[Peer]:
         return self.silent(self.silence)
