@@ -16,9 +16,10 @@ class SlurmJob:
     time_left: str | None = None
 
 
-def jobs_state(job_ids: list[str]) -> dict[str, SlurmJob]:
+def jobs_state(job_ids: list[str], accounting: list[str] | None = None) -> dict[str, SlurmJob]:
     """The state of each of JOB_IDS Slurm knows: one squeue of this user's jobs (filtered here: squeue
-    -j fails on an id it forgot), then one sacct for the others; an id unknown to both is left out."""
+    -j fails on an id it forgot), then one sacct for the others (of ACCOUNTING only, if given: a job
+    whose ranks wrote a final stage needs no accounting query); an id unknown to both is left out."""
     if not job_ids:
         return {}
     out: dict[str, SlurmJob] = {}
@@ -29,7 +30,7 @@ def jobs_state(job_ids: list[str]) -> dict[str, SlurmJob]:
             for job in array_ids(parts[0]):
                 if job in job_ids:
                     out[job] = SlurmJob(parts[1], parts[2] if parts[2] not in ("", "INVALID") else None)
-    rest = [j for j in job_ids if j not in out]
+    rest = [j for j in job_ids if j not in out and (accounting is None or j in accounting)]
     if rest:
         acct = proc.run(["sacct", "-X", "-n", "-P", "-j", ",".join(rest), "-o", "JobID,State"], check=False,
                         timeout=30)
@@ -55,9 +56,10 @@ def array_ids(shown: str) -> list[str]:
     return out
 
 
-def job_state(job_id: str) -> str | None:
-    """PENDING, RUNNING, COMPLETED, CANCELLED… or None if Slurm does not know the job (yet)."""
-    found = jobs_state([job_id]).get(job_id)
+def job_state(job_id: str, accounting: bool = True) -> str | None:
+    """PENDING, RUNNING, COMPLETED, CANCELLED… or None if Slurm does not know the job (yet; or, without
+    ACCOUNTING, any more: only the queue is asked)."""
+    found = jobs_state([job_id], None if accounting else []).get(job_id)
     return found.state if found else None
 
 

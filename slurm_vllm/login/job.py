@@ -81,7 +81,8 @@ class Job:
         from slurm_vllm.core.slurm import job_state
 
         job_id = self.job_id
-        return self.status_given(job_id, job_state(job_id) if job_id else None)
+        ended = self._checked().read_stage().stage.final     # the ranks' final word: no sacct needed
+        return self.status_given(job_id, job_state(job_id, accounting=not ended) if job_id else None)
 
     def status_given(self, job_id: str | None, state: str | None) -> Status:
         """The status with Slurm's STATE of JOB_ID already known (one query for many jobs: ArrayJob)."""

@@ -55,7 +55,8 @@ def rows(jobs_root: Path | str | None = None, include_ended: bool = False,
     and that Slurm does not know is gone: its index entry is removed."""
     found = jobs(jobs_root)
     if states is None:
-        states = jobs_state([j for j in (job.job_id for job in found) if j])
+        ids = [j for j in (job.job_id for job in found) if j]
+        states = jobs_state(ids, [job.job_id for job in found if job.job_id and not _ended(job)])
     now = time.time()
     out = []
     for job in found:
@@ -70,6 +71,14 @@ def rows(jobs_root: Path | str | None = None, include_ended: bool = False,
         if include_ended or not Stage(r.stage).final:
             out.append(r)
     return out
+
+
+def _ended(job: Job) -> bool:
+    """Did the job's ranks write a final stage? (Then Slurm's accounting has nothing to add.)"""
+    try:
+        return job.dir.stage_file.exists() and job.dir.read_stage().stage.final
+    except SlurmVllmError:
+        return False
 
 
 def age(seconds: float) -> str:
