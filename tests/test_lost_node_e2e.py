@@ -1,7 +1,8 @@
 """e2e: a node that drops off the network (issue 25). Its links go down inside its namespace while a
 READY TP2 job over node1+node2 answers a request; the job FAILS within 30 s naming the node, the
 request in flight gets an error within the same bound, and once the links are back nothing of the job
-is left on any node. Taking the head's node off instead, the worker stops its own processes."""
+is left on any node. Taking the head's node off instead, the worker stops its own processes (having
+lost the head, or told by the head's end: whichever comes first)."""
 
 from __future__ import annotations
 
@@ -127,9 +128,12 @@ def test_the_head_node_off_the_network_makes_the_worker_stop_its_processes(testb
         said = (job_dir / "rank-1.failed").read_text() if (job_dir / "rank-1.failed").exists() else ""
     finally:
         links(1, "up")
-    print(f"\nnode2's processes ended {stopped:.1f} s after the head's links went down; {said[:300]}")
+    print(f"\nnode2's processes ended {stopped:.1f} s after the head's links went down; "
+          f"{said[:300] or '(the head ended first: node2 saw its done mark)'}")
     assert stopped <= BOUND, stopped
-    assert "lost the head: node1 (the head) (10.77.0.11) stopped answering at " in said, said
+    # Whichever side notices first: node2 on its own ("lost the head"), or the head, whose end reached
+    # node2 through the job folder (the test bed's file system does not run over the nodes' links).
+    assert not said or "lost the head: node1 (the head) (10.77.0.11) stopped answering at " in said, said
     st = wait_failed(job_id, time.monotonic(), 120)
     print(f"the head said: {st['detail'][:300]}")
     assert st["stage"] == "FAILED", st
