@@ -118,7 +118,12 @@ class Job:
         Raises JobEnded when the job ends first (its status in the exception), WaitTimeout after
         TIMEOUT seconds (the job keeps running). Polls fast at first, then every POLL seconds.
         """
-        return wait_for(self.status, stage or wait_target(self.plan()), timeout, progress, poll)
+        if stage is None:
+            try:
+                stage = wait_target(self.plan())
+            except SlurmVllmError:           # pending, and its plan not known here: READY, as before
+                stage = Stage.READY
+        return wait_for(self.status, stage, timeout, progress, poll)
 
     def preflight_result(self) -> PreflightResult:
         """What a DONE `preflight` measured (the all-reduce table and its verdict)."""
