@@ -82,6 +82,8 @@ class Job:
 
         job_id = self.job_id
         ended = self._checked().read_stage().stage.final     # the ranks' final word: no sacct needed
+        # status_given reads the stage again, after Slurm answered: a final stage the ranks wrote
+        # meanwhile wins over Slurm's verdict (read before the query, it would be shadowed by it).
         return self.status_given(job_id, job_state(job_id, accounting=not ended) if job_id else None)
 
     def status_given(self, job_id: str | None, state: str | None) -> Status:
