@@ -395,3 +395,45 @@ def test_a_newline_from_the_login_environment_is_refused_like_one_in_the_file(
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(mutate("slurm.partition", "${SLURM_VLLM_T_PART}")))
     check(*run_validate(spec, capsys), "slurm.partition: control character")
+
+
+PYXIS_REFUSED = [
+    (["--container-image=/other.sqsh"], "container.options[0]: '--container-image=/other.sqsh'"),
+    (["--container-mounts", "/a:/a"], "container.options[0]"),
+    (["--container-name=x"], "container.options[0]"),
+    (["--container-env=HF_TOKEN"], "container.options[0]"),
+    (["--no-container-entrypoint"], "container.options[0]"),
+    (["--container-unshare=net"], "container.options[0]"),     # Ray and vLLM need the node's network
+    (["--container-writable", "-w", "node9"], "container.options[1]: '-w'"),
+    (["--nodelist=node9"], "container.options[0]"),
+    (["--jobid=1"], "container.options[0]"),
+    (["--export=NONE"], "container.options[0]"),
+    (["-c", "2"], "container.options[0]"),
+    (["--gres=gpu:1"], "container.options[0]"),
+    (["-J", "x"], "container.options[0]"),
+]
+
+
+@pytest.mark.parametrize(("options", "names"), PYXIS_REFUSED, ids=[o[0] for o, _ in PYXIS_REFUSED])
+def test_a_pyxis_option_slurm_vllm_sets_is_refused(
+    options: list[str], names: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "bad.yaml"
+    pyxis = {"runtime": "pyxis", "image": "/shared/vllm.sqsh", "options": options}
+    spec.write_text(yaml.safe_dump({**BASE, "container": pyxis}))
+    check(*run_validate(spec, capsys), names)
+
+
+def test_pyxis_images_a_relative_path_refused_references_and_options_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "s.yaml"
+    relative = {"runtime": "pyxis", "image": "./vllm.sqsh"}
+    spec.write_text(yaml.safe_dump({**BASE, "container": relative}))
+    check(*run_validate(spec, capsys), "container.image: './vllm.sqsh': a squashfs file must be an absolute")
+    for image in ("/shared/vllm.sqsh", "nvcr.io#nvidia/vllm:25.09-py3", "docker://vllm/vllm-openai:v0.11.0",
+                  "dockerd://localhost/x:1", "vllm/vllm-openai"):
+        ok = {"runtime": "pyxis", "image": image,
+              "options": ["--container-writable", "--container-remap-root", "--container-workdir=/w"]}
+        spec.write_text(yaml.safe_dump({**BASE, "container": ok}))
+        assert cli.main(["validate", str(spec)]) == 0, capsys.readouterr().err

@@ -98,7 +98,8 @@ def test_every_config_validates(path: Path, tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
            **{k: f"/testbed/{k.lower()}" for k in (
                "SLURM_VLLM_TEST_VENV", "SLURM_VLLM_TEST_MODEL", "SLURM_VLLM_TEST_JOBS_ROOT",
-               "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_SECRET_FILE")},
+               "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_SECRET_FILE",
+               "SLURM_VLLM_TEST_PYXIS_IMAGE")},
            "SLURM_VLLM_TEST_IMAGE": "localhost/test:latest", "SLURM_VLLM_TEST_BINDS": "/a:/a:ro,/b:/b"}
     env.update(HOME=str(tmp_path), SLURM_VLLM_TEST_JOBS_ROOT=str(tmp_path / "jobs"))
     data = yaml.safe_load(path.read_text())

@@ -16,7 +16,8 @@ ENV = Path("/jobs/j/env/rank-0.env")
 
 
 def runtime(kind: str, **kw: object) -> Runtime:
-    spec = ContainerSpec(runtime=kind, image="img.sif" if kind == "apptainer" else "vllm:1",  # type: ignore[arg-type]
+    image = {"apptainer": "img.sif", "pyxis": "nvcr.io#nvidia/vllm:1"}.get(kind, "vllm:1")
+    spec = ContainerSpec(runtime=kind, image=image,  # type: ignore[arg-type]
                          binds=("/m:/m:ro",), options=("--foo",))
     return Runtime(spec, "slurm-vllm-7-0", ENV, ("/m:/m:ro", "/jobs/j:/jobs/j"), **kw)  # type: ignore[arg-type]
 
@@ -61,3 +62,43 @@ def test_env_file_is_shell_assignments_the_wrapper_reads_back(tmp_path: Path) ->
     out = subprocess.run(wrapped(env_file, ["python3", "-c", probe, "--x", "$HOME"]), capture_output=True,
                          text=True, env={"PATH": "/usr/bin:/bin"}, check=True).stdout
     assert json.loads(out) == [ODD, ["--x", "$HOME"]]
+
+
+def test_pyxis_runs_each_program_as_a_step_on_its_own_node() -> None:
+    """The first program creates the rank's named container on an srun step of the job on this node
+    (the job's squashfs file, the binds as --container-mounts); the next ones join it; the env file
+    comes through the wrapper, so nothing of it is on srun's command line."""
+    r = runtime("pyxis", image="/jobs/j/image.sqsh", job_id="7", host="node3", cpus=16,
+                visible_gpus=("2", "3"))
+    first = r.start(["ray", "start"], suffix="-preflight")        # one container a rank: no suffix
+    assert first[:11] == ["srun", "--overlap", "--jobid=7", "--nodes=1", "--ntasks=1", "--nodelist=node3",
+                          "--cpus-per-task=16", "--gres=gpu:2", "--export=ALL", "--unbuffered",
+                          "--job-name=slurm-vllm-7-0"]
+    assert "--container-image=/jobs/j/image.sqsh" in first          # the file, not the registry name
+    assert "--container-name=slurm-vllm-7-0:no_exec" in first
+    assert "--container-mounts=/m:/m:ro,/jobs/j:/jobs/j" in first
+    assert {"--no-container-mount-home", "--no-container-entrypoint", "--foo"} <= set(first)
+    assert first[-7:] == [*wrapped(ENV, ["ray", "start"])]
+    join = r.exec(["vllm", "serve"], env_file=Path("/jobs/j/env/vllm-0.env"))
+    assert "--container-name=slurm-vllm-7-0:exec" in join
+    assert not any(a.startswith(("--container-image", "--container-mounts")) for a in join)
+    assert "--foo" not in join and join[-2:] == ["vllm", "serve"] and "/jobs/j/env/vllm-0.env" in join
+
+
+def test_pyxis_cleanup_removes_the_containers_that_exist_under_either_scope(tmp_path: Path) -> None:
+    """The removal command under sh, with an enroot that lists two containers: it removes the rank's
+    (by Pyxis's global- and job-scope names) that exist, and no other; `enroot remove` of a missing
+    one would fail, so it is not asked."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "enroot"
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+[ "$1" = list ] && printf 'pyxis_7_slurm-vllm-7-0\npyxis_slurm-vllm-8-0\n'
+exit 0
+""")
+    fake.chmod(0o755)
+    argv = runtime("pyxis", job_id="7").remove(("", "-preflight"))
+    assert argv is not None
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    assert subprocess.run(argv, env=env).returncode == 0
+    assert calls.read_text().splitlines() == ["list", "remove -f pyxis_7_slurm-vllm-7-0"]

@@ -77,7 +77,8 @@ def embedded_of(text: str) -> str:
 def test_every_config_renders_one_job(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The script of every config: valid shell, its directives, the spec and plan embedded once."""
     for var in ("SLURM_VLLM_TEST_VENV", "SLURM_VLLM_TEST_MODEL", "SLURM_VLLM_TEST_JOBS_ROOT",
-                "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_IMAGE", "SLURM_VLLM_TEST_SECRET_FILE"):
+                "SLURM_VLLM_TEST_APPTAINER_IMAGE", "SLURM_VLLM_TEST_IMAGE", "SLURM_VLLM_TEST_SECRET_FILE",
+                "SLURM_VLLM_TEST_PYXIS_IMAGE"):
         monkeypatch.setenv(var, f"/testbed/{var.lower()}")
     monkeypatch.setenv("SLURM_VLLM_TEST_BINDS", "/a:/a:ro")
     s = spec.load(path)

@@ -32,7 +32,7 @@ def test_defaults() -> None:
     ({"slurm": {"nodes": 0}}, "slurm.nodes: must be 1-4096"),
     ({"parallelism": {"tensor": "max"}}, "parallelism.tensor: expected int or auto, got 'max'"),
     ({"container": {"runtime": "singularity"}},
-     "container.runtime: expected one of apptainer, docker, podman, none, got 'singularity'"),
+     "container.runtime: expected one of apptainer, docker, podman, pyxis, none, got 'singularity'"),
     ({"container": {"runtime": "docker"}}, "container.image: required when container.runtime is docker"),
     ({"container": {"binds": ["/a"]}}, "container.binds[0]: '/a': use host:container or host:container:ro"),
     ({"env": {"HF_TOKEN": "hf_x"}}, "env.HF_TOKEN: looks like a secret; put it in secret_env"),

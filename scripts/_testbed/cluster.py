@@ -6,8 +6,18 @@ import secrets
 import shutil
 import time
 
-from . import engines, net, packages, procs, slurm, testenv
-from .config import JOBS_ROOT, NODE_IFNAMES, STATE, TEST_SECRET, Shape, node_ip, node_name
+from . import engines, net, packages, procs, pyxis, slurm, testenv
+from .config import (
+    APPTAINER,
+    JOBS_ROOT,
+    NODE_BIN,
+    NODE_IFNAMES,
+    STATE,
+    TEST_SECRET,
+    Shape,
+    node_ip,
+    node_name,
+)
 from .procs import run
 
 
@@ -62,9 +72,13 @@ def up(shape: Shape) -> None:
     timer.mark("image")
     testenv.ensure_apptainer()
     timer.mark("apptainer")
+    pyxis.ensure_built()
+    pyxis.link_node_bin(NODE_BIN, APPTAINER / "usr" / "bin" / "apptainer")
+    timer.mark("enroot+pyxis")
     if Shape.load() == shape and not problems(shape):
         for i in range(1, shape.nodes + 1):      # a rebuilt image reaches the running engines
             engines.import_images(i)
+        pyxis.ensure_image(slurm.in_node(1, []), testenv.rootfs_digest())
         timer.mark("images")
         print(f"testbed: already up ({shape.nodes} nodes); checked in {timer.report()}")
         return
@@ -112,6 +126,7 @@ def _start(shape: Shape, timer: Timer) -> None:
     timer.mark("dockerd")
     for i in nodes:
         engines.import_images(i)
+    pyxis.ensure_image(slurm.in_node(1, []), testenv.rootfs_digest())
     timer.mark("images")
     shape.save()
     left = problems(shape)

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from . import procs
-from .config import IMAGE, ROOTFS_TAR, node_cache, node_dir, node_name
+from .config import IMAGE, IMAGE_VAR, ROOTFS_TAR, node_cache, node_dir, node_name
 from .procs import run
 from .slurm import in_node
 from .testenv import rootfs_digest
@@ -67,10 +67,13 @@ def wait_dockerd(i: int) -> None:
 
 def import_images(i: int) -> None:
     """Import the test image into the node's docker and podman unless that very rootfs is there."""
-    digest = rootfs_digest()
+    # With a default command (enroot's dockerd:// import needs one) and a variable of the image's own
+    # (a test's env sets it too: the spec's value must win inside the container).
+    digest = rootfs_digest() + "-cmd-env"
     label = "{{ index .Config.Labels \"slurm-vllm-rootfs\" }}"
     for engine in ("docker", "podman"):
         have = run(in_node(i, [engine, "image", "inspect", "--format", label, IMAGE]), check=False)
         if have.returncode != 0 or have.stdout.strip() != digest:
             run(in_node(i, [engine, "import", "--change", f"LABEL slurm-vllm-rootfs={digest}",
+                            "--change", 'CMD ["/bin/sh"]', "--change", f"ENV {IMAGE_VAR}=from-the-image",
                             str(ROOTFS_TAR), IMAGE]))

@@ -11,6 +11,9 @@ PACKAGES = (
     "slurmctld", "slurmd", "slurm-client", "slurmdbd", "munge", "mariadb-server", "mariadb-client",
     "docker.io", "runc", "podman", "catatonit", "tini", "iproute2", "util-linux", "procps",
     "debootstrap", "patchelf",
+    # Pyxis and enroot (scripts/_testbed/pyxis.py): their build and what enroot runs
+    "libslurm-dev", "slurm-wlm-plugins-dev", "gcc", "make", "libc6-dev", "libbsd-dev", "makeself",
+    "squashfs-tools", "squashfuse", "fuse-overlayfs", "jq", "parallel", "zstd", "pigz", "libcap2-bin",
 )
 POLICY = Path("/usr/sbin/policy-rc.d")
 

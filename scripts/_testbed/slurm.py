@@ -8,12 +8,12 @@ import shutil
 import socket
 from pathlib import Path
 
-from . import procs
+from . import procs, pyxis
 from .config import (
-    APPTAINER,
     CLUSTER_NAME,
     MANAGED_MARK,
     MYSQL_PORT,
+    NODE_BIN,
     PARTITION,
     SLURMDBD_PORT,
     STATE,
@@ -27,7 +27,7 @@ from .config import (
 from .procs import LOGS, run
 
 ETC = Path("/etc/slurm")
-MANAGED_FILES = ("slurm.conf", "gres.conf", "slurmdbd.conf")
+MANAGED_FILES = ("slurm.conf", "gres.conf", "slurmdbd.conf", "plugstack.conf")
 BACKUP = STATE / "backup-etc-slurm"
 MUNGE = STATE / "munge"
 MYSQL = STATE / "mysql"
@@ -114,11 +114,11 @@ def _is_ours(path: Path) -> bool:
 
 
 def write_configs(shape: Shape, dbd_password: str) -> None:
-    """Write /etc/slurm/{slurm,gres,slurmdbd}.conf, keeping any file that was there before in BACKUP."""
+    """Write /etc/slurm/{slurm,gres,slurmdbd,plugstack}.conf, keeping any file there before in BACKUP."""
     ETC.mkdir(parents=True, exist_ok=True)
     BACKUP.mkdir(parents=True, exist_ok=True)
     texts = {"slurm.conf": slurm_conf(shape), "gres.conf": gres_conf(shape),
-             "slurmdbd.conf": slurmdbd_conf(dbd_password)}
+             "slurmdbd.conf": slurmdbd_conf(dbd_password), "plugstack.conf": pyxis.plugstack_conf()}
     for name, text in texts.items():
         target = ETC / name
         if target.exists() and not _is_ours(target) and not (BACKUP / name).exists():
@@ -258,7 +258,7 @@ def start_slurmd(i: int) -> None:
         f"mount --bind {nd}/tmp /tmp; "
         "mount -t tmpfs -o mode=1777,size=8g svt-shm /dev/shm; "
         f"mount --bind {nd}/etc-containers /etc/containers; "
-        f"mount --bind {APPTAINER}/node-bin /usr/local/sbin; "
+        f"mount --bind {NODE_BIN} /usr/local/sbin; "
         f"if [ -f /etc/resolv.conf ]; then mount --bind {nd}/resolv.conf /etc/resolv.conf; fi; "
         f"exec slurmd -D -N {node_name(i)}"
     )

@@ -217,10 +217,6 @@ def ensure_apptainer() -> None:
              f"{lib}:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu", str(exe)])
     shutil.copytree(APPTAINER / "etc" / "apptainer", APPTAINER / "usr" / "etc" / "apptainer")
     (APPTAINER / "usr" / "lib" / "var" / "lib" / "apptainer" / "mnt" / "session").mkdir(parents=True)
-    # What the nodes see at /usr/local/sbin (on root's PATH): the site's apptainer.
-    node_bin = APPTAINER / "node-bin"
-    node_bin.mkdir()
-    (node_bin / "apptainer").symlink_to(binary)
     run([str(binary), "--version"])
     stamp.write_text(",".join(APPTAINER_PACKAGES))
     _log(f"apptainer ready in {time.monotonic() - t0:.0f} s")

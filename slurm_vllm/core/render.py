@@ -18,7 +18,7 @@ import jinja2.exceptions
 import jinja2.sandbox
 
 from slurm_vllm import __version__
-from slurm_vllm.core import safefile
+from slurm_vllm.core import pyxis, safefile
 from slurm_vllm.core.errors import SpecError
 from slurm_vllm.core.plan import Plan
 from slurm_vllm.core.spec import JobSpec, dump
@@ -117,6 +117,7 @@ class JobScript:
     embedded: str              # the resolved spec (YAML), then the plan (JSON)
     node_command: str          # one task per node: the per-rank program
     after_command: str = ""    # after the tasks: a batch job that must go on requeues itself
+    container_lines: tuple[str, ...] = ()    # Pyxis: the steps each task starts (comment lines)
 
 
 def job_script(spec: JobSpec, plan: Plan, python: str) -> JobScript:
@@ -133,6 +134,11 @@ def job_script(spec: JobSpec, plan: Plan, python: str) -> JobScript:
         node_command=(f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --unbuffered --open-mode=append '
                       f'--output="$job_dir/logs/task-%t.out" {py} -u -m slurm_vllm.node run "$job_dir"'),
         after_command=(REQUEUE if spec.mode == "batch" and spec.batch.max_jobs > 1 else ""),
+        container_lines=tuple(pyxis.shown_steps(spec.container, spec.container.binds,
+                                                f"{spec.jobs_root_path}/{spec.name}-<job id>",
+                                                ["sh", "-c", "'<env file wrapper>'", "slurm-vllm-env"],
+                                                spec.slurm.gpus_per_node)
+                              if spec.container.runtime == "pyxis" else ()),
     )
 
 
@@ -186,6 +192,7 @@ def sbatch_text(spec: JobSpec, plan: Plan, python: str, template: str | Path | N
         return tmpl.render(
             directives=parts.directives, setup=parts.setup, init_command=parts.init_command,
             embedded=parts.embedded, node_command=parts.node_command, after_command=parts.after_command,
+            container_lines=parts.container_lines,
             version=__version__,
             name=spec.name, jobs_root=str(spec.jobs_root_path), job_id=job_id_shell(spec),
             job_dir_shown=f"{spec.jobs_root_path}/{spec.name}-<job id{'>_<shard' if sharded(spec) else ''}>",

@@ -69,7 +69,7 @@ class ParallelismSpec:
 class ContainerSpec:
     """Where Ray and vLLM run: a container runtime and image, or `none` (the node's environment)."""
 
-    runtime: Literal["apptainer", "docker", "podman", "none"] = "none"
+    runtime: Literal["apptainer", "docker", "podman", "pyxis", "none"] = "none"
     image: str | None = None
     binds: tuple[str, ...] = ()
     options: tuple[str, ...] = ()

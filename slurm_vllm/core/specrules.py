@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slurm_vllm.core import pyxis
 from slurm_vllm.core.decode import show as _show
 from slurm_vllm.core.errors import SpecError
 
@@ -210,6 +211,13 @@ def check(spec: JobSpec) -> None:
         if name == "--name":
             raise SpecError(f"container.options[{i}]: --name is set by slurm_vllm (cleanup finds the "
                             f"containers by it)")
+        if c.runtime == "pyxis" and pyxis.managed(option):
+            raise SpecError(f"container.options[{i}]: {_show(option)}: set by slurm_vllm on every Pyxis "
+                            f"step (image, name, mounts, environment, the step's node); allowed are srun's "
+                            f"and Pyxis's other options, e.g. --container-writable, --container-remap-root")
+    if c.runtime == "pyxis" and c.image and c.image.startswith(("./", "../")):
+        raise SpecError(f"container.image: {_show(c.image)}: a squashfs file must be an absolute path "
+                        f"(the nodes resolve it in their own working directory)")
     _check_batch(spec)
     if not spec.network.trusted and spec.slurm.nodes > 1:
         raise SpecError(f"network.trusted: false, and slurm.nodes is {spec.slurm.nodes}: vLLM's traffic "

@@ -1,4 +1,4 @@
-"""Container runtimes (apptainer, docker, podman, none) × argv × binds × env file → argv.
+"""Container runtimes (apptainer, docker, podman, pyxis, none) × argv × binds × env file → argv.
 
 The job's environment (secrets included) reaches a container through its 0600 env file, never
 through the command line or the container's configuration: every container program starts a small
@@ -6,7 +6,8 @@ wrapper, `sh -c WRAPPER`, that exports the file (bound with the job folder) and 
 so `docker inspect` / `podman inspect` show no value. The file is POSIX shell assignments
 (KEY='value'), read by POSIX sh: every value arrives as written. Not --env-file: Docker's is literal
 but Podman's has its own quoting, and Apptainer's expands $VAR and runs `cmd` even inside single
-quotes (checked with Apptainer 1.4.5).
+quotes (checked with Apptainer 1.4.5). Pyxis runs the same wrapper in an srun step (core/pyxis.py):
+the file's values are set after the image's environment, so they win over it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from slurm_vllm.core import pyxis
 from slurm_vllm.core.spec import ContainerSpec
 
 
@@ -28,6 +30,10 @@ class Runtime:
     binds: tuple[str, ...]    # host:container[:ro], the job folder included
     visible_gpus: tuple[str, ...] = ()
     infiniband: bool = False  # Apptainer passes /dev through; Docker/Podman need the devices
+    image: str = ""           # pyxis: the squashfs file (the spec's, or the one imported for the job)
+    job_id: str = ""          # pyxis: the job whose steps the containers run in
+    host: str = ""            # pyxis: this node (each step runs here)
+    cpus: int = 1             # pyxis: the job's CPUs on this node (each step shares them)
 
     @property
     def kind(self) -> str:
@@ -41,6 +47,8 @@ class Runtime:
             return argv
         if c.runtime == "apptainer":
             return self._apptainer(argv, env_file)
+        if c.runtime == "pyxis":      # one container per rank: a preflight's filesystem is reused
+            return self._pyxis(argv, env_file, join=False)
         assert c.image is not None
         # Host network and IPC: Ray and vLLM use the node's address and its whole /dev/shm.
         cmd = [c.runtime, "run", "--rm", "--name", self.name + suffix, "--network", "host", "--ipc", "host",
@@ -59,6 +67,8 @@ class Runtime:
             return argv
         if self.spec.runtime == "apptainer":
             return self._apptainer(argv, env_file)
+        if self.spec.runtime == "pyxis":
+            return self._pyxis(argv, env_file, join=True)
         return [self.spec.runtime, "exec", self.name, *wrapped(env_file or self.env_file, argv)]
 
     def remove(self, suffixes: tuple[str, ...] = ("",)) -> list[str] | None:
@@ -71,6 +81,8 @@ class Runtime:
             return ["podman", "rm", "--force", "--ignore", "--time", "0", *names]
         if self.spec.runtime == "docker":
             return ["docker", "rm", "--force", *names]
+        if self.spec.runtime == "pyxis":      # a named container outlives its steps
+            return pyxis.remove_argv(self.name, self.job_id)
         return None
 
     def _gpu_flags(self) -> list[str]:
@@ -79,6 +91,11 @@ class Runtime:
         if self.spec.runtime == "docker":
             return ["--gpus", f'"device={",".join(self.visible_gpus)}"']
         return [f"--device=nvidia.com/gpu={g}" for g in self.visible_gpus]
+
+    def _pyxis(self, argv: list[str], env_file: Path | None, join: bool) -> list[str]:
+        return pyxis.step_argv(self.spec, self.image, self.name, self.binds,
+                               wrapped(env_file or self.env_file, argv), job_id=self.job_id,
+                               host=self.host, cpus=str(self.cpus), gpus=len(self.visible_gpus), join=join)
 
     def _apptainer(self, argv: list[str], env_file: Path | None = None) -> list[str]:
         assert self.spec.image is not None

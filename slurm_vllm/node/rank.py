@@ -20,6 +20,7 @@ from slurm_vllm.core.jobdir import JobDir, make_private_dir, read_secret, write_
 from slurm_vllm.core.plan import Mode, Plan, Ports
 from slurm_vllm.core.records import RankFailure, Rendezvous
 from slurm_vllm.core.spec import JobSpec
+from slurm_vllm.node import pyxisimage
 from slurm_vllm.node.container import Runtime, env_file_text
 from slurm_vllm.node.frontdoor import FrontDoor
 from slurm_vllm.node.heartbeat import SUSPECT, Beacon, Watch, says
@@ -204,10 +205,16 @@ class Rank:
         binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}",
                  *([] if self.socket_dir == self.jd.path else [f"{self.socket_dir}:{self.socket_dir}"]))
         name = f"slurm-vllm-{self.job.job_id}-{self.rank}"
+        pyxis = self.spec.container.runtime == "pyxis"
         runtime = Runtime(self.spec.container, name, env_file, binds, self.job.gpus,
-                          infiniband=self.spec.nccl.ib_hca is not None)
+                          infiniband=self.spec.nccl.ib_hca is not None,
+                          image=pyxisimage.prepare(self) if pyxis else "", job_id=str(self.job.job_id),
+                          host=os.environ.get("SLURMD_NODENAME") or self.job.hosts[self.rank],
+                          cpus=int(os.environ.get("SLURM_CPUS_ON_NODE") or self.job.cpus))
         remove = runtime.remove(("", "-preflight"))
         if remove:
+            if pyxis:       # a container a killed run of this job left (a requeue keeps the job id)
+                proc.run(remove, check=False, timeout=60)
             self.watchdog.cleanup(remove)
         return runtime
 
@@ -268,5 +275,7 @@ class Rank:
             remove = self._runtime.remove(("", "-preflight"))
             if remove:
                 proc.run(remove, check=False, timeout=30)
+            if self._runtime.kind == "pyxis":
+                pyxisimage.discard(self)
         self.claims.release()
         self.watchdog.done()

@@ -77,7 +77,14 @@ def leftovers(nodes: int) -> list[str]:
             names = subprocess.run(in_node(i, [engine, "ps", "-a", "--format", "{{.Names}}"]),
                                    capture_output=True, text=True).stdout.split()
             found += [f"node{i} {engine} container {n}" for n in names if n.startswith("slurm-vllm-")]
+        found += [f"node{i} enroot container {n}" for n in enroot_containers(i)]
     return found
+
+
+def enroot_containers(i: int) -> list[str]:
+    """The job containers (Pyxis's, of slurm_vllm's ranks) that enroot keeps on test-bed node I."""
+    out = subprocess.run(in_node(i, ["enroot", "list"]), capture_output=True, text=True)
+    return [n for n in out.stdout.split() if "slurm-vllm-" in n]
 
 
 # vLLM's workers, by process title: the Ray executor's actors (Ray sets "ray::<actor class>[.<method>]":
