@@ -184,3 +184,28 @@ def test_the_unix_connection_reaches_the_socket(door: tuple[FrontDoor, Upstream]
     conn = UnixHTTPConnection(str(tmp_path / "api.sock"), timeout=5)
     conn.request("GET", "/v1/models")
     assert json.loads(conn.getresponse().read())["path"] == "/v1/models"
+
+
+def test_a_tcp_upstream_gets_the_request_and_its_key(tmp_path: Path) -> None:
+    """With replicas the job's door faces the router on loopback (`tcp:HOST:PORT`): the request and
+    its Authorization header go through unchanged (the replicas' doors check it again)."""
+    class TcpUpstream(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        seen: list[tuple[str, str, bytes]]
+
+    up = TcpUpstream(("127.0.0.1", 0), handler())
+    up.seen = []
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    d = FrontDoor("127.0.0.1", 0, f"tcp:127.0.0.1:{up.server_address[1]}", KEY)
+    d.start()
+    assert d.server is not None
+    d.port = d.server.sockets[0].getsockname()[1]
+    try:
+        status, body = request(d, "GET", "/v1/models", key=KEY)
+        assert status == 200 and json.loads(body) == {"path": "/v1/models", "auth": f"Bearer {KEY}"}
+        assert request(d, "GET", "/v1/models")[0] == 401 and len(up.seen) == 1
+    finally:
+        d.stop()
+        up.shutdown()
+        up.server_close()

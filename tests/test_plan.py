@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from slurm_vllm.core import plan, spec
@@ -99,3 +101,47 @@ def test_the_mp_backend_runs_vllms_own_launcher_on_every_node() -> None:
     assert "--host" not in worker and "--port" not in worker
     with pytest.raises(ValueError, match="master"):
         plan.vllm_argv(p, "10.0.0.1", 8000)
+
+
+def replicas_spec(nodes: int, gpus: int, data: int, **par: object) -> spec.JobSpec:
+    return spec.parse({"name": "t", "model": {"path": "/nonexistent"}, "slurm": {"nodes": nodes,
+                       "gpus_per_node": gpus}, "parallelism": {"data": data, **par}})
+
+
+@pytest.mark.parametrize(("nodes", "gpus", "data", "par", "tp", "pp", "per"), [
+    (2, 1, 2, {}, 1, 1, 1),                       # R=2 x TP1 on a node each
+    (3, 1, 3, {}, 1, 1, 1),
+    (4, 2, 2, {}, 2, 2, 2),                       # R=2 x (TP2 x PP2 over 2 nodes)
+    (4, 2, 2, {"tensor": 4}, 4, 1, 2),            # R=2 x TP4 over 2 nodes
+    (4, 8, 4, {}, 8, 1, 1),
+])
+def test_replicas_split_the_allocation_into_servers_of_whole_nodes(
+        nodes: int, gpus: int, data: int, par: dict[str, object], tp: int, pp: int, per: int) -> None:
+    p = plan.make(replicas_spec(nodes, gpus, data, **par), {})
+    assert (p.replicas, p.replica_nodes, p.tp, p.pp) == (data, per, tp, pp)
+    # rank r of the allocation is rank r % per of replica r // per
+    assert [p.replica_of(r) for r in range(nodes)] == [divmod(r, per) for r in range(nodes)]
+    mp = dataclasses.replace(p, backend=plan.Backend.MP)     # vLLM's own launcher spans one replica
+    argv = plan.vllm_argv(mp, "10.0.0.1", 8000, master=("10.0.0.1", 9000), node_rank=0)
+    assert argv[argv.index("--nnodes") + 1] == str(per)
+
+
+def test_replicas_that_do_not_divide_list_the_valid_choices() -> None:
+    with pytest.raises(PlanError) as info:
+        plan.make(replicas_spec(4, 8, 3), {})
+    assert "parallelism.data=3: each replica needs whole nodes of its own" in str(info.value)
+    assert "valid choices: 1, 2, 4" in str(info.value)
+    with pytest.raises(PlanError) as info:
+        plan.make(replicas_spec(4, 2, 2, tensor=8), {})      # one replica has 2 nodes x 2 GPUs = 4
+    assert "one replica's GPUs" in str(info.value) and "= 2x2 = 4 GPUs" in str(info.value)
+    assert "valid choices: TP1xPP4, TP2xPP2, TP4xPP1" in str(info.value)
+    with pytest.raises(PlanError, match=r"parallelism\.data: must be >= 1"):
+        plan.make(replicas_spec(2, 1, 0), {})
+
+
+def test_replicas_refuse_what_they_do_not_run_yet() -> None:
+    data = {"name": "t", "model": {"path": "/m"}, "slurm": {"nodes": 2}, "parallelism": {"data": 2}}
+    with pytest.raises(PlanError, match=r"batch\.shards runs one server per array task"):
+        plan.make(spec.parse({**data, "mode": "batch", "batch": {"input": "/in.jsonl"}}), {})
+    with pytest.raises(PlanError, match="run the preflight with one replica's nodes"):
+        plan.make(spec.parse({**data, "preflight": True}), {})

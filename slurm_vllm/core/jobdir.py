@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ class JobDir:
     """Paths of one job's folder, and its typed files; every rank and the login node agree on them."""
 
     path: Path
+
+    @property
+    def own(self) -> Path:
+        """The folder of this server's own files (the job folder; a replica's: replicadir.py)."""
+        return self.path
 
     @property
     def spec(self) -> Path:
@@ -204,10 +210,12 @@ class JobDir:
         the workers' heartbeat addresses, Ray's nodes, preflight) is removed, the stage goes back to
         PENDING; logs and secrets stay."""
         stale = [self.done, self.endpoint, self.head, self.ray_nodes, self.preflight, self.preflight_addr,
-                 self.path / "preflight-raw.json", self.requeue_mark, *self.failed_ranks(),
-                 *self.path.glob("rank-*.heartbeat.json")]
+                 self.path / "preflight-raw.json", self.path / "replicas.json", self.requeue_mark,
+                 *self.failed_ranks(), *self.path.glob("rank-*.heartbeat.json")]
         for path in stale:
             path.unlink(missing_ok=True)
+        for replica in self.path.glob("replica-*"):      # the other replicas' (replicadir.py)
+            shutil.rmtree(replica, ignore_errors=True)
         self.write_stage(Stage.PENDING, "requeued: starting again")
 
     def write(self, path: Path, record: Record) -> None:

@@ -58,6 +58,9 @@ class Ports:
     api: int
     autoscaler_metrics: int     # Ray's autoscaler monitor on the head (Ray's fixed default 44217 collides)
     heartbeat: int              # the node program's own: other ranks probe it (node/heartbeat.py)
+    replica_api: int            # replicas: each replica head's door (the router's upstream)
+    router: int                 # replicas: the router on the job's head (loopback, behind the endpoint)
+    router_metrics: int         # replicas: the router's Prometheus metrics (loopback)
     min_worker: int
     max_worker: int
 
@@ -88,6 +91,16 @@ class Plan(Record):
     mode: Mode = Mode.SERVE
     shards: int = 1                # a sharded batch: the job array's size (each task one shard)
     backend: Backend = Backend.RAY
+    replicas: int = 1              # parallelism.data: servers of TP x PP, each on nodes of its own
+
+    @property
+    def replica_nodes(self) -> int:
+        """The nodes of one replica (one server of TP x PP)."""
+        return self.nodes // self.replicas
+
+    def replica_of(self, rank: int) -> tuple[int, int]:
+        """(replica, rank inside it) of the allocation's RANK: replica k holds ranks k*n .. k*n+n-1."""
+        return divmod(rank, self.replica_nodes)
 
 
 def factorizations(total: int) -> list[tuple[int, int]]:
@@ -98,9 +111,23 @@ def _choices(total: int) -> str:
     return ", ".join(f"TP{tp}xPP{pp}" for tp, pp in factorizations(total))
 
 
+def replica_nodes(spec: JobSpec) -> int:
+    """The nodes of one replica: slurm.nodes / parallelism.data (PlanError when it does not divide)."""
+    data, nodes = spec.parallelism.data, spec.slurm.nodes
+    if data < 1:
+        raise PlanError(f"parallelism.data: must be >= 1, got {data}")
+    if nodes % data:
+        valid = ", ".join(str(d) for d in range(1, nodes + 1) if nodes % d == 0)
+        raise PlanError(f"parallelism.data={data}: each replica needs whole nodes of its own, and "
+                        f"slurm.nodes={nodes} does not divide by {data}; valid choices: {valid} "
+                        f"(or slurm.nodes = {data} x the nodes of one replica)")
+    return nodes // data
+
+
 def choose_parallel(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Parallel:
-    """TP×PP from the spec (auto: TP = gpus_per_node, PP = nodes), checked against the model."""
-    nodes, gpn = spec.slurm.nodes, max(spec.slurm.gpus_per_node, 1)
+    """TP×PP of one replica from the spec (auto: TP = gpus_per_node, PP = the replica's nodes),
+    checked against the model."""
+    nodes, gpn = replica_nodes(spec), max(spec.slurm.gpus_per_node, 1)
     total = nodes * gpn
     tensor, pipeline = spec.parallelism.tensor, spec.parallelism.pipeline
     if tensor == "auto" and pipeline == "auto":
@@ -113,8 +140,10 @@ def choose_parallel(spec: JobSpec, model_config: dict[str, Any] | None = None) -
     else:
         tp, pp = tensor, pipeline
     if tp * pp != total:
+        per = ("slurm.nodes x slurm.gpus_per_node" if spec.parallelism.data == 1 else
+               "one replica's GPUs: slurm.nodes / parallelism.data x slurm.gpus_per_node")
         raise PlanError(
-            f"parallelism.tensor x parallelism.pipeline must equal slurm.nodes x slurm.gpus_per_node "
+            f"parallelism.tensor x parallelism.pipeline must equal {per} "
             f"= {nodes}x{gpn} = {total} GPUs, got tensor={tensor}, pipeline={pipeline}; "
             f"valid choices: {_choices(total)}")
     if model_config:
@@ -205,6 +234,12 @@ def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
     """The plan for SPEC; MODEL_CONFIG defaults to the model's config.json if readable here."""
     config = model_config if model_config is not None else read_model_config(spec.model.path)
     par = choose_parallel(spec, config)
+    if spec.parallelism.data > 1 and spec.mode == "batch":
+        raise PlanError(f"parallelism.data={spec.parallelism.data} with mode batch: a batch over replicas "
+                        f"is not supported yet; batch.shards runs one server per array task")
+    if spec.parallelism.data > 1 and spec.preflight:
+        raise PlanError(f"parallelism.data={spec.parallelism.data} with preflight: not supported yet; "
+                        f"run the preflight with one replica's nodes (parallelism.data: 1)")
     return Plan(
         name=spec.name, nodes=spec.slurm.nodes, gpus_per_node=spec.slurm.gpus_per_node,
         tp=par.tp, pp=par.pp, served_name=spec.model.name, model_path=spec.model.path,
@@ -213,7 +248,7 @@ def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
         api_port=None if spec.vllm.port == "auto" else spec.vllm.port,
         ready_timeout=spec.ready_timeout, api_key=spec.vllm.api_key == "auto", preflight=spec.preflight,
         mode=Mode(spec.mode), shards=spec.batch.shards if spec.mode == "batch" else 1,
-        backend=Backend(spec.backend),
+        backend=Backend(spec.backend), replicas=spec.parallelism.data,
     )
 
 
@@ -224,7 +259,7 @@ def ports(plan: Plan, job_id: int, attempt: int = 0) -> Ports:
         gcs=plan.gcs_port or base, client=base + 1, node_manager=base + 2, object_manager=base + 3,
         runtime_env_agent=base + 4, metrics=base + 5, dashboard_agent_grpc=base + 6,
         dashboard_agent_listen=base + 7, api=plan.api_port or base + 8, autoscaler_metrics=base + 9,
-        heartbeat=base + 10,
+        heartbeat=base + 10, replica_api=base + 11, router=base + 12, router_metrics=base + 13,
         min_worker=base + 16, max_worker=base + BLOCK - 1,
     )
 
@@ -256,8 +291,8 @@ def vllm_argv(plan: Plan, ip: str, port: int, master: tuple[str, int] | None = N
     if plan.backend is Backend.MP:
         if master is None:
             raise ValueError("backend mp: the master address and port are needed")
-        argv += ["--nnodes", str(plan.nodes), "--node-rank", str(node_rank), "--master-addr", master[0],
-                 "--master-port", str(master[1])]
+        argv += ["--nnodes", str(plan.replica_nodes), "--node-rank", str(node_rank),
+                 "--master-addr", master[0], "--master-port", str(master[1])]
         if node_rank > 0:
             return [*argv, "--headless", *plan.vllm_args]
     where = ["--uds", uds] if uds else ["--host", ip, "--port", str(port)]

@@ -162,6 +162,14 @@ class RayNodes(Record):
 
 
 @dataclass(frozen=True)
+class Replicas(Record):
+    """`replicas.json`: the doors of the replicas behind the job's router (parallelism.data > 1)."""
+
+    KIND: ClassVar[str] = "replicas"
+    urls: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Endpoint(Record):
     """`endpoint.json`: the OpenAI-compatible endpoint of a READY job."""
 

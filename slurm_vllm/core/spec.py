@@ -59,10 +59,12 @@ class SlurmSpec:
 
 @dataclass(frozen=True)
 class ParallelismSpec:
-    """Tensor × pipeline parallel sizes: `auto` gives TP = gpus_per_node and PP = nodes."""
+    """Tensor × pipeline parallel sizes of one server (`auto`: TP = gpus_per_node, PP = its nodes),
+    and `data`: how many such servers (replicas, each on nodes of its own) serve behind one endpoint."""
 
     tensor: int | Auto = "auto"
     pipeline: int | Auto = "auto"
+    data: int = 1
 
 
 @dataclass(frozen=True)

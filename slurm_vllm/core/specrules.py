@@ -80,6 +80,7 @@ def looks_secret(name: str) -> bool:
 MANAGED_VLLM_ARGS = {
     "model": "model.path", "served_model_name": "model.served_name",
     "tensor_parallel_size": "parallelism.tensor", "pipeline_parallel_size": "parallelism.pipeline",
+    "data_parallel_size": "parallelism.data (replicas, each its own server, behind one endpoint)",
     "distributed_executor_backend": "backend (ray or mp)", "host": "(the node's address)",
     "nnodes": "slurm.nodes", "node_rank": "(each node's rank in the allocation)",
     "master_addr": "(the head node's address)", "master_port": "(planned per job)",

@@ -63,7 +63,8 @@ def network_notice(plan: Plan) -> str | None:
     at validate and submit until vLLM's inter-node traffic can be protected (README: Security)."""
     if plan.nodes < 2:
         return None
-    return (f"this job spans {plan.nodes} nodes: vLLM's traffic between them (the engine's ZeroMQ "
+    router = ("the router's requests to the replicas (with the API key) and " if plan.replicas > 1 else "")
+    return (f"this job spans {plan.nodes} nodes: {router}vLLM's traffic between them (the engine's ZeroMQ "
             f"broadcast of each request's tokens, torch.distributed) carries no authentication or "
             f"encryption, so other users on the nodes' network can read prompts; see README, "
             f"'Multi-node traffic'")
@@ -83,6 +84,13 @@ def check_batch_input(spec: JobSpec, plan: Plan) -> InputSummary | None:
     return summary
 
 
+def layout(plan: Plan) -> str:
+    """Which nodes of the allocation (in Slurm's order) form which replica."""
+    n = plan.replica_nodes
+    return ", ".join(f"replica {k} on node {k * n + 1}" if n == 1 else
+                     f"replica {k} on nodes {k * n + 1}-{k * n + n}" for k in range(plan.replicas))
+
+
 @dataclass(frozen=True)
 class Validation:
     """What `validate` found: the spec, its plan, a batch input's summary, the network notice."""
@@ -99,6 +107,9 @@ class Validation:
         out = [f"ok: {spec.name}: {plan.nodes} nodes x {plan.gpus_per_node} GPUs -> tensor parallel "
                f"{plan.tp} x pipeline parallel {plan.pp}; {plan.served_name!r} from {plan.model_path} "
                f"in {where}"]
+        if plan.replicas > 1:
+            out[0] = out[0].replace(" -> ", f" -> {plan.replicas} replicas of ", 1)
+            out.append(f"ok: layout: {layout(plan)}; one endpoint on the first node (vllm-router)")
         if self.batch is not None:
             urls = ", ".join(f"{n} {u}" for u, n in sorted(self.batch.by_url.items()))
             out.append(f"ok: batch input {spec.batch.input}: {self.batch.requests} requests ({urls}); "

@@ -97,7 +97,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(json.dumps({"job_id": job.job_id, "job_dir": str(job.path)}))
     else:
         what = f"job array {job.job_id}: {plan.shards} shards of" if plan.shards > 1 else f"job {job.job_id}:"
-        print(f"submitted {what} {plan.nodes} nodes, TP{plan.tp}xPP{plan.pp}, folder {job.path}")
+        shape = f"TP{plan.tp}xPP{plan.pp}"
+        if plan.replicas > 1:
+            shape = f"{plan.replicas} replicas of {shape}"
+        print(f"submitted {what} {plan.nodes} nodes, {shape}, folder {job.path}")
         print(f"  status: python -m slurm_vllm status {job.job_id}\n"
               f"  cancel: python -m slurm_vllm cancel {job.job_id}   (or scancel {job.job_id})")
     if not args.wait:

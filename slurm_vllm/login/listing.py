@@ -42,7 +42,7 @@ def row(job: Job, slurm: SlurmJob | None, now: float) -> Row:
         url = Endpoint.read(job.dir.endpoint).url
     progress = info.detail if stage == Stage.BATCH else ""
     return Row(job_id=job.job_id or "?", name=plan.name, stage=stage.value, nodes=plan.nodes,
-               tp_pp=f"TP{plan.tp}xPP{plan.pp}", url=url,
+               tp_pp=f"{f'{plan.replicas}x' if plan.replicas > 1 else ''}TP{plan.tp}xPP{plan.pp}", url=url,
                age_s=round(now - job.dir.plan.stat().st_mtime, 1) if job.dir.plan.exists() else 0.0,
                time_left=(slurm.time_left or "") if slurm and not stage.final else "", job_dir=str(job.path),
                progress=progress)

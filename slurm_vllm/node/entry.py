@@ -9,6 +9,7 @@ in the script.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -19,13 +20,34 @@ from slurm_vllm.core import spec as spec_mod
 from slurm_vllm.core.errors import JobFolderError, SlurmVllmError
 from slurm_vllm.core.jobdir import JobDir, atomic_write
 from slurm_vllm.core.jobsroot import link_job_id
+from slurm_vllm.core.plan import Plan
 from slurm_vllm.core.records import RankFailure, Stage
+from slurm_vllm.core.replicadir import replica_dir
 from slurm_vllm.core.slurm import end_job, still_running
 from slurm_vllm.node.head import Head
 from slurm_vllm.node.jobenv import JobEnv, shown_job_id
 from slurm_vllm.node.rank import Rank
 from slurm_vllm.node.rankenv import cancel_or_task_death, final_stage, outcome, redact
+from slurm_vllm.node.replicas import JobHead, ReplicaHead
 from slurm_vllm.node.worker import Worker
+
+
+def rank_for(jd: JobDir, job: JobEnv) -> tuple[Rank, JobDir, JobEnv]:
+    """This task's rank, the folder view and the job environment it works in: the job's own, or,
+    with replicas, its replica's (the ranks of replica K are 0.. inside it; replicadir.py)."""
+    replicas, nodes = 1, len(job.hosts)
+    try:
+        plan = Plan.read(jd.plan)
+        replicas, nodes = plan.replicas, plan.replica_nodes
+    except SlurmVllmError:
+        pass                        # the rank's own reading fails the same way, and says so below
+    if replicas == 1:
+        return (Head if job.rank == 0 else Worker)(jd, job), jd, job
+    k, local = divmod(job.rank, nodes)
+    rjd = replica_dir(jd, k, nodes)
+    rjob = dataclasses.replace(job, rank=local, hosts=job.hosts[k * nodes:(k + 1) * nodes])
+    kind: type[Rank] = Worker if local else (JobHead if k == 0 else ReplicaHead)
+    return kind(rjd.verified(), rjob), rjd, rjob
 
 
 def main(job_dir: str) -> int:
@@ -33,7 +55,7 @@ def main(job_dir: str) -> int:
     jd = JobDir(Path(job_dir))
     job = JobEnv.from_environ()
     try:
-        rank: Rank = (Head if job.rank == 0 else Worker)(jd, job)
+        rank, jd, job = rank_for(jd, job)
     except Exception as exc:      # an unreadable job folder: say so where the CLI looks
         if job.rank == 0:
             jd.write_stage(Stage.FAILED, f"{socket.gethostname()}: cannot start: {type(exc).__name__}: {exc}")
@@ -83,7 +105,6 @@ def init(job_dir: str, script: str | None, embedded: str) -> None:
     """The first step of the job script: make the job folder from the spec and plan embedded in the
     script (the plan as decided when the script was made: never planned again), record the job id
     and the script Slurm ran (job.sbatch)."""
-    from slurm_vllm.core.plan import Plan
     from slurm_vllm.core.render import sharded, split_embedded
 
     spec_yaml, plan_json = split_embedded(embedded)

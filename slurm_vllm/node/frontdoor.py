@@ -75,7 +75,8 @@ def _answer(status: int, message: str) -> bytes:
 
 
 class FrontDoor:
-    """The door at HOST:PORT to vLLM's socket UPSTREAM, letting in requests that carry KEY (every
+    """The door at HOST:PORT to vLLM's socket UPSTREAM (or `tcp:HOST:PORT`: with replicas, the job's
+    door to their router), letting in requests that carry KEY (every
     request, when KEY is None: the spec turned the key off). start() binds (ServeError-free: an
     OSError when the port is taken) and serves in a daemon thread; stop() closes it."""
 
@@ -134,7 +135,7 @@ class FrontDoor:
                         await writer.drain()
                     break
                 if up_writer is None:
-                    up_reader, up_writer = await asyncio.open_unix_connection(self.upstream, limit=MAX_HEAD)
+                    up_reader, up_writer = await self._connect()
                     pump = asyncio.create_task(self._pipe(up_reader, writer))
                 up_writer.write(head)
                 if "upgrade" in headers:                     # a websocket: raw both ways from here
@@ -160,6 +161,13 @@ class FrontDoor:
             for w in (up_writer, writer):
                 if w is not None:
                     w.close()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to UPSTREAM: vLLM's Unix socket, or `tcp:HOST:PORT` (the replicas' router)."""
+        if self.upstream.startswith("tcp:"):
+            host, port = self.upstream.removeprefix("tcp:").rsplit(":", 1)
+            return await asyncio.open_connection(host, int(port), limit=MAX_HEAD)
+        return await asyncio.open_unix_connection(self.upstream, limit=MAX_HEAD)
 
     async def _body(self, reader: asyncio.StreamReader, out: asyncio.StreamWriter, kind: str,
                     length: int) -> None:

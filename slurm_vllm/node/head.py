@@ -15,11 +15,11 @@ import time
 
 from slurm_vllm.core.errors import ServeError
 from slurm_vllm.core.jobdir import atomic_write, read_secret
-from slurm_vllm.core.plan import Mode
+from slurm_vllm.core.plan import Mode, Ports
 from slurm_vllm.core.records import Endpoint, Stage
 from slurm_vllm.node import batchrun
 from slurm_vllm.node.frontdoor import FrontDoor
-from slurm_vllm.node.netid import identity
+from slurm_vllm.node.netid import Identity, identity
 from slurm_vllm.node.probes import Http
 from slurm_vllm.node.rank import API_SOCKET, Rank
 from slurm_vllm.node.rankenv import NON_CARRY_OVER, Stopped, server_environment
@@ -58,25 +58,34 @@ class Head(Rank):
         sock.unlink(missing_ok=True)              # a requeued run's, or a killed one's
         url = f"unix:{sock}"
         if self.plan.mode is not Mode.BATCH:
-            self.door = FrontDoor(ident.ip, ports.api, str(sock), key)
+            port = self.door_port(ports)
+            self.door = FrontDoor(ident.ip, port, str(sock), key)
             try:
                 self.door.start()
             except OSError as exc:
-                raise ServeError(f"the endpoint's port {ident.ip}:{ports.api}: {exc.strerror}") from None
-            url = f"http://{ident.ip}:{ports.api}"
+                raise ServeError(f"the endpoint's port {ident.ip}:{port}: {exc.strerror}") from None
+            url = f"http://{ident.ip}:{port}"
         self.launcher.head_up(self, ident, ports, str(sock), server_env)
         self.wait_ready(url)
         if self.plan.mode is Mode.BATCH:
             self.done_detail = batchrun.run_batch(self, url, key)
             return
-        self.jd.write(self.jd.endpoint, Endpoint(
-            url=f"{url}/v1", model=self.plan.served_name, host=ident.ip, port=ports.api,
-            api_key_file=str(self.jd.api_key) if self.plan.api_key else None, job_id=str(self.job.job_id)))
-        self.jd.write_stage(Stage.READY, f"{url}/v1")
+        self.publish(url, ident, ports, key)
         while True:                      # supervise until vLLM or Ray dies, a worker fails, or a stop comes
             self.check()
             self.check_workers()
             self.stop.wait(1.0)
+
+    def door_port(self, ports: Ports) -> int:
+        """The port of the door to this server's vLLM (the job's endpoint: the API port)."""
+        return ports.api
+
+    def publish(self, url: str, ident: Identity, ports: Ports, key: str | None) -> None:
+        """vLLM answers at URL (its door): the job's endpoint.json, and READY."""
+        self.jd.write(self.jd.endpoint, Endpoint(
+            url=f"{url}/v1", model=self.plan.served_name, host=ident.ip, port=self.door_port(ports),
+            api_key_file=str(self.jd.api_key) if self.plan.api_key else None, job_id=str(self.job.job_id)))
+        self.jd.write_stage(Stage.READY, f"{url}/v1")
 
     def wait_ready(self, url: str) -> None:
         """vLLM is ready when /health answers, /v1/models lists the model and 1 token comes back."""

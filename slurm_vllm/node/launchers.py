@@ -105,8 +105,8 @@ class RayLauncher(Launcher):
 
     def barrier(self, head: Rank, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
         """Wait until Ray reports every node and every GPU of the allocation."""
-        want_nodes = head.plan.nodes
-        want_gpus = head.plan.nodes * head.plan.gpus_per_node
+        want_nodes = head.plan.replica_nodes
+        want_gpus = want_nodes * head.plan.gpus_per_node
         argv = ["python3", "-c", RAY_WATCH, f"{ident.ip}:{ports.gcs}", str(want_nodes), str(want_gpus)]
         log = head.jd.rank_log("ray-watch", head.rank)
         watch = proc.spawn("ray-watch", head.runtime.exec(argv), log, env=head.child_env())

@@ -26,10 +26,10 @@ def run_preflight(rank: Rank, ident: Identity, ports: Ports) -> None:
     container; rank 0 writes the result (or the job fails with what went wrong)."""
     if rank.rank == 0:
         rank.jd.write(rank.jd.preflight_addr, Rendezvous(ident.ip, ports.client))
-        rank.jd.write_stage(Stage.PREFLIGHT, f"all-reduce across {rank.plan.nodes} nodes")
+        rank.jd.write_stage(Stage.PREFLIGHT, f"all-reduce across {rank.plan.replica_nodes} nodes")
     addr = Rendezvous.read(rank.jd.preflight_addr)
-    out = rank.jd.path / "preflight-raw.json"
-    argv = ["python3", "-c", preflight_mod.SCRIPT, str(rank.rank), str(rank.plan.nodes), addr.ip,
+    out = rank.jd.own / "preflight-raw.json"
+    argv = ["python3", "-c", preflight_mod.SCRIPT, str(rank.rank), str(rank.plan.replica_nodes), addr.ip,
             str(addr.port), str(out), ",".join(map(str, preflight_mod.SIZES))]
     log_path = rank.jd.rank_log("preflight", rank.rank)
     child = proc.spawn("preflight", rank.runtime.start(argv, suffix="-preflight"), log_path,

@@ -24,7 +24,7 @@ POLL = 0.5
 
 
 def imported_path(rank: Rank) -> Path:
-    return rank.jd.path / pyxis.IMPORTED
+    return rank.jd.own / pyxis.IMPORTED          # a replica's own (each replica's first node imports)
 
 
 def prepare(rank: Rank) -> str:

@@ -59,7 +59,7 @@ class Rank:
         self.watchdog = Watchdog()           # cleans up after this rank if it is killed outright
         self.done_detail = ""                # what a job that ended by itself says (a batch's summary)
         self.serving = False                 # vLLM answered the readiness probes
-        self.socket_dir = self.jd.path               # where vLLM's API socket is (private_socket_dir)
+        self.socket_dir = self.jd.own                # where vLLM's API socket is (private_socket_dir)
         self.door: FrontDoor | None = None       # the endpoint's front door (serve mode, rank 0)
         self.beacon: Beacon | None = None        # multi-node: this node answers heartbeat probes
         self.peers: Watch | None = None          # multi-node: the other ranks this one probes
@@ -153,7 +153,7 @@ class Rank:
     def start_heartbeat(self, ident: Identity, ports: Ports) -> None:
         """Multi-node: answer probes on the job's address, say where (a worker: in the job folder;
         the head: in head.json), and probe the peers (heartbeat.py)."""
-        if self.plan.nodes < 2:
+        if self.plan.replica_nodes < 2:
             return
         try:
             self.beacon = Beacon(ident.ip, ports.heartbeat)
@@ -192,8 +192,8 @@ class Rank:
         """Where vLLM's API socket goes: the job folder (0700: only this user can connect), or, when
         that path is too long for a Unix socket (108 bytes), a 0700 folder of this user's in the
         node's /tmp, bound into the container like the job folder."""
-        if len(str(self.jd.path / API_SOCKET)) <= MAX_SOCKET_PATH:
-            return self.jd.path
+        if len(str(self.jd.own / API_SOCKET)) <= MAX_SOCKET_PATH:
+            return self.jd.own
         folder = Path("/tmp") / f"slurm-vllm-{os.geteuid()}-{self.job.job_id}"
         make_private_dir(folder)
         return folder
@@ -202,8 +202,9 @@ class Rank:
         self.env = self.environment(ident, ports)
         env_file = self.write_env_file(f"rank-{self.rank}", self.env)
         self.socket_dir = self.private_socket_dir()
+        own_socket_dir = self.socket_dir.is_relative_to(self.jd.path)
         binds = (*self.spec.container.binds, f"{self.jd.path}:{self.jd.path}",
-                 *([] if self.socket_dir == self.jd.path else [f"{self.socket_dir}:{self.socket_dir}"]))
+                 *([] if own_socket_dir else [f"{self.socket_dir}:{self.socket_dir}"]))
         name = f"slurm-vllm-{self.job.job_id}-{self.rank}"
         pyxis = self.spec.container.runtime == "pyxis"
         runtime = Runtime(self.spec.container, name, env_file, binds, self.job.gpus,
@@ -247,7 +248,7 @@ class Rank:
         for failed in self.jd.failed_ranks():     # a peer silent meanwhile: the network went first
             raise ClusterError(f"{self.suspect()}{RankFailure.read(failed)}")
         if self.peers is not None:
-            for k in range(1, self.plan.nodes):
+            for k in range(1, self.plan.replica_nodes):
                 if not self.peers.watching(str(k)) and self.jd.heartbeat(k).exists():
                     addr = Rendezvous.read(self.jd.heartbeat(k))
                     self.peers.add(str(k), self.job.hosts[k], addr.ip, addr.port)
@@ -269,7 +270,7 @@ class Rank:
             self.peers.stop()
             print(self.peers.summary(), file=sys.stderr, flush=True)     # to logs/task-<rank>.out
         (self.socket_dir / API_SOCKET).unlink(missing_ok=True)
-        if self.socket_dir != self.jd.path:
+        if not self.socket_dir.is_relative_to(self.jd.path):
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         if self._runtime is not None:
             remove = self._runtime.remove(("", "-preflight"))

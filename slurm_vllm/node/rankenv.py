@@ -31,7 +31,7 @@ def loopback_only(plan: Plan) -> bool:
     """A 1-node job without Ray keeps vLLM's own traffic (torch's store, gloo, its ZeroMQ queues) on
     the loopback interface: nothing but the front door on the node's address (Ray binds its servers
     to every interface whatever it is told, so a Ray job cannot)."""
-    return plan.nodes == 1 and plan.backend is Backend.MP
+    return plan.replica_nodes == 1 and plan.backend is Backend.MP
 
 
 def environment(spec: JobSpec, ident: Identity, ray_token: Path, secrets: Mapping[str, str],
