@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,5 +64,58 @@ def test_two_replicas_serve_behind_one_endpoint_and_share_the_load(testbed: dict
         shares = [served(u, key) - b for u, b in zip(replica_urls, before, strict=True)]
         assert sum(shares) == LOAD and min(shares) >= 0.3 * LOAD, shares
         print(f"replicas: {LOAD} requests through the endpoint, served {shares[0]:.0f} / {shares[1]:.0f}")
+        kill_one_replica_under_load(job, job_dir, endpoint, key, replica_urls[1], nodes[1])
     finally:
         cancel_and_check_clean(job)
+
+
+def started_in(stage_log: Path) -> float:
+    """Seconds from STARTING to the first READY in a stage.log."""
+    times = {}
+    for line in stage_log.read_text().splitlines():
+        t, stage = line.split()[:2]
+        times.setdefault(stage, float(t))
+    return times["READY"] - times["STARTING"]
+
+
+def kill_one_replica_under_load(job: str, job_dir: Path, endpoint: dict[str, str], key: str, url: str,
+                                node: str) -> None:
+    """Replica 1's vLLM killed while 200 requests go through the endpoint: every request answered
+    (the client retries nothing), READY says 1/2 while it is away, it is started again on its node
+    and is back in rotation (its new server answers requests) within its first start's time."""
+    first_start = started_in(job_dir / "replica-1" / "stage.log")
+    done: list[str] = []
+    seen_degraded = False
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(lambda i: done.append(chat(endpoint, key, f"again {i}")), i)
+                   for i in range(LOAD)]
+        while len(done) < 40:
+            time.sleep(0.05)
+        victim = next(pid for pid, _, cmd in node_processes(int(node[-1])) if "vllm serve" in cmd)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        while not all(f.done() for f in futures):
+            seen_degraded |= "(1/2 replicas" in status(job)["detail"]
+            time.sleep(0.3)
+        for f in futures:
+            f.result()                       # an error here is a request the client saw fail
+    assert len(done) == LOAD
+    while "(2/2 replicas" not in (st := status(job))["detail"]:
+        seen_degraded |= "(1/2 replicas" in st["detail"]
+        assert st["stage"] == "READY", st
+        assert time.monotonic() - killed < 1.5 * first_start + 30, f"replica 1 not back: {st}"
+        time.sleep(0.3)
+    ready_again = time.monotonic() - killed
+    assert seen_degraded, "READY never said 1/2 replicas while replica 1 was away"
+    assert "serving again after restart 1" in (job_dir / "replica-1" / "stage").read_text()
+    sent = 0
+    with ThreadPoolExecutor(4) as pool:     # the router's next health checks put it back in rotation
+        while served(url, key) < 4:
+            assert sent < 200, f"the restarted replica got {served(url, key):.0f} of {sent} requests"
+            list(pool.map(lambda i: chat(endpoint, key, f"back {i}"), range(sent, sent + 4)))
+            sent += 4
+    back = time.monotonic() - killed
+    assert back < 1.5 * first_start + 30, f"back in rotation {back:.0f} s after the kill"
+    print(f"replicas: replica 1's vLLM killed under load: {LOAD}/{LOAD} answered; READY again "
+          f"{ready_again:.0f} s and back in rotation {back:.0f} s after the kill (its first start: "
+          f"{first_start:.0f} s); {served(url, key):.0f} of the next {sent} requests went to it")

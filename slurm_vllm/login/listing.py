@@ -3,6 +3,7 @@ left) and a table."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ def row(job: Job, slurm: SlurmJob | None, now: float) -> Row:
     if stage == Stage.READY and job.dir.endpoint.exists():
         url = Endpoint.read(job.dir.endpoint).url
     progress = info.detail if stage == Stage.BATCH else ""
+    if stage == Stage.READY and plan.replicas > 1:          # "1/2 replicas" while one is away
+        progress = " ".join(re.findall(r"\((\d+/\d+ replicas)", info.detail)[:1])
     return Row(job_id=job.job_id or "?", name=plan.name, stage=stage.value, nodes=plan.nodes,
                tp_pp=f"{f'{plan.replicas}x' if plan.replicas > 1 else ''}TP{plan.tp}xPP{plan.pp}", url=url,
                age_s=round(now - job.dir.plan.stat().st_mtime, 1) if job.dir.plan.exists() else 0.0,
@@ -90,12 +93,19 @@ def age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def shown(r: Row) -> str:
+    """The last column: the URL, the progress (a batch's; how many replicas serve), or both."""
+    if r.url and r.progress:
+        return f"{r.url} ({r.progress})"
+    return r.url or r.progress or "-"
+
+
 def table(found: list[Row]) -> str:
     if not found:
         return "no jobs (list --all shows the ended ones too)"
     head = ("JOBID", "NAME", "STAGE", "NODES", "TPxPP", "AGE", "LEFT", "URL / PROGRESS")
     lines = [head] + [(r.job_id, r.name, r.stage, str(r.nodes), r.tp_pp, age(r.age_s), r.time_left or "-",
-                       r.url or r.progress or "-") for r in found]
+                       shown(r)) for r in found]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)

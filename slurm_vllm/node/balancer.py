@@ -24,6 +24,9 @@ def router_settings(port: int, metrics_port: int, urls: list[str]) -> dict[str, 
         "prometheus_host": "127.0.0.1", "prometheus_port": metrics_port,
         "health_check_interval_secs": HEALTH_INTERVAL, "health_check_timeout_secs": 2,
         "health_failure_threshold": 2, "health_success_threshold": 1,
+        # A replica that failed requests is tried again 4 s later (not the router's 60 s): one that
+        # was started again is back in rotation as soon as it answers.
+        "cb_timeout_duration_secs": 2 * HEALTH_INTERVAL, "cb_success_threshold": 1,
         "worker_startup_timeout_secs": 120, "worker_startup_check_interval": 1,
         "log_level": "info",
     }

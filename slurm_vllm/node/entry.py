@@ -85,6 +85,9 @@ def main(job_dir: str) -> int:
     rank.teardown()
     if job.rank == 0:
         jd.write_stage(stage, detail)
+    if isinstance(rank, ReplicaHead) and stage == Stage.FAILED:
+        rank.linger()             # the job goes on with the other replicas
+        return 0
     if rank.lost:                 # a node left the network: Slurm may never hear from its task again
         print(f"slurm_vllm: {rank.lost}: job {job.job_id} ended through slurmctld: "
               f"{'yes' if end_job(str(job.job_id)) else 'not reachable from here'}", file=sys.stderr)

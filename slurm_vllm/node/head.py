@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 from slurm_vllm.core.errors import ServeError
 from slurm_vllm.core.jobdir import atomic_write, read_secret
@@ -71,7 +72,12 @@ class Head(Rank):
             self.done_detail = batchrun.run_batch(self, url, key)
             return
         self.publish(url, ident, ports, key)
-        while True:                      # supervise until vLLM or Ray dies, a worker fails, or a stop comes
+        self.supervise(lambda: self.launcher.head_up(self, ident, ports, str(sock), server_env), url)
+
+    def supervise(self, start: Callable[[], None], url: str) -> None:
+        """Until vLLM or Ray dies, a worker fails, or a stop comes (START, URL: how the server was
+        started and where it answers, for a replica that starts it again: replicas.py)."""
+        while True:
             self.check()
             self.check_workers()
             self.stop.wait(1.0)

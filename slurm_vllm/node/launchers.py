@@ -65,7 +65,7 @@ class RayLauncher(Launcher):
         argv = vllm_argv(head.plan, ident.ip, ports.api, uds=sock)
         head.spawn("vllm", head.runtime.exec(argv, server_env), server_env)
         nodes = self.join(head, ident, ports)
-        head.jd.write_stage(Stage.LOADING, f"vllm serve TP{head.plan.tp}xPP{head.plan.pp} on "
+        head.say(Stage.LOADING, f"vllm serve TP{head.plan.tp}xPP{head.plan.pp} on "
                                            f"{', '.join(sorted(n.ip for n in nodes))}")
 
     def cluster_only(self, head: Rank, ident: Identity, ports: Ports) -> str:
@@ -94,7 +94,7 @@ class RayLauncher(Launcher):
                       lambda: port_open(ident.ip, ports.gcs), head.plan.ready_timeout)
         head.jd.write(head.jd.head, HeadInfo(ident.hostname, ident.ip, ident.interface, ports.gcs, ports.api,
                                                     ports.heartbeat))
-        head.jd.write_stage(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
+        head.say(Stage.RAY_HEAD, f"{ident.ip}:{ports.gcs}")
 
     def join(self, head: Rank, ident: Identity, ports: Ports) -> tuple[RayNode, ...]:
         """The barrier, then ray_nodes.json and the check that every node is on the right network."""
@@ -123,7 +123,7 @@ class RayLauncher(Launcher):
                 seen = parsed
                 if len(seen) != last:
                     last = len(seen)
-                    head.jd.write_stage(Stage.RAY_JOINED, f"{len(seen)}/{want_nodes}")
+                    head.say(Stage.RAY_JOINED, f"{len(seen)}/{want_nodes}")
             if len(seen) >= want_nodes and sum(n.gpus for n in seen) >= want_gpus:
                 return True
             if ended:
@@ -165,7 +165,7 @@ class MpLauncher(Launcher):
         master = LOOPBACK[0] if loopback_only(head.plan) else ident.ip
         argv = vllm_argv(head.plan, ident.ip, ports.api, master=(master, ports.gcs), node_rank=0, uds=sock)
         head.spawn("vllm", head.runtime.start(argv, env_file=server_env), server_env)
-        head.jd.write_stage(Stage.LOADING, f"vllm serve TP{head.plan.tp}xPP{head.plan.pp} (backend mp, "
+        head.say(Stage.LOADING, f"vllm serve TP{head.plan.tp}xPP{head.plan.pp} (backend mp, "
                                            f"master {master}:{ports.gcs}) on {len(head.job.hosts)} nodes")
 
     def worker_up(self, worker: Worker, ident: Identity, ports: Ports) -> None:

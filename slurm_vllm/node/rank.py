@@ -18,7 +18,7 @@ from slurm_vllm.core import proc, safefile
 from slurm_vllm.core.errors import ClusterError, JobFolderError
 from slurm_vllm.core.jobdir import JobDir, make_private_dir, read_secret, write_secret
 from slurm_vllm.core.plan import Mode, Plan, Ports
-from slurm_vllm.core.records import RankFailure, Rendezvous
+from slurm_vllm.core.records import RankFailure, Rendezvous, Stage
 from slurm_vllm.core.spec import JobSpec
 from slurm_vllm.node import pyxisimage
 from slurm_vllm.node.container import Runtime, env_file_text
@@ -76,6 +76,10 @@ class Rank:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
             signal.signal(sig, handler)
+
+    def say(self, stage: Stage, detail: str) -> None:
+        """A stage of this rank's server coming up (the launchers' progress): the job's stage."""
+        self.jd.write_stage(stage, detail)
 
     def check(self) -> None:
         """Raise Stopped on a stop, ClusterError when a child died."""

@@ -4,14 +4,20 @@ Every replica is a one-server job of its own nodes (its ranks work in its folder
 its head serves vLLM behind a door on its node (the replica API port; the key on every route, as
 the job's endpoint). The job's head is replica 0's head too: once every replica is READY it starts
 vllm-router on loopback over the replicas' doors (balancer.py) and the job's door on the API port
-in front of it, writes endpoint.json and READY "R/R replicas", and supervises the replicas: one
-that ends fails the job (it names the replica and what it said). A replica's head stops when the
-job's head has ended.
+in front of it, writes endpoint.json and READY "R/R replicas".
+
+A replica's server that dies while serving is started again on its node (a 1-node replica; up to
+MAX_RESTARTS times): meanwhile the router's health checks keep it out of rotation and its retries
+send what found it dead to another replica. A replica that cannot come back ends (FAILED, in its
+folder); the job goes on with the others, its READY saying how many serve, and fails only when none
+can. A replica's head stops when the job's head has ended.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 
 from slurm_vllm.core import proc
 from slurm_vllm.core.errors import ClusterError, ServeError
@@ -23,48 +29,100 @@ from slurm_vllm.node.frontdoor import FrontDoor
 from slurm_vllm.node.head import Head
 from slurm_vllm.node.netid import Identity
 from slurm_vllm.node.probes import port_open
+from slurm_vllm.node.rank import API_SOCKET
 from slurm_vllm.node.rankenv import Stopped
 
+MAX_RESTARTS = 3
 
-class ReplicaHead(Head):
-    """The head of replica K >= 1: its server behind its door, READY in its own folder."""
+
+class Restarting(Head):
+    """A replica's head: its server started again on this node when it dies while serving."""
+
+    restarts = 0
 
     def door_port(self, ports: Ports) -> int:
         return ports.replica_api
 
+    def may_restart(self) -> bool:
+        """A 1-node replica whose node is still there, not stopping, with restarts left."""
+        return (self.plan.replica_nodes == 1 and self.restarts < MAX_RESTARTS and not self.stop.is_set()
+                and not self.lost)
+
+    def restart(self, start: Callable[[], None], url: str, why: ClusterError) -> None:
+        """Stop what is left of the server (not the router), start it again, wait until it answers."""
+        self.restarts += 1
+        self.started = time.monotonic()          # the restart gets the whole ready_timeout
+        self.server_down(f"restarting ({self.restarts}/{MAX_RESTARTS}): {why}")
+        self.serving = False
+        server = [c for c in self.children if c.name != "router"]
+        proc.terminate_all(server, timeout=5)
+        self.children = [c for c in self.children if c.name == "router"]
+        (self.socket_dir / API_SOCKET).unlink(missing_ok=True)     # the killed server's
+        start()
+        self.wait_ready(url)
+        self.server_up()
+
+    def server_down(self, detail: str) -> None:
+        self.jd.write_stage(Stage.LOADING, detail)
+
+    def server_up(self) -> None:
+        self.jd.write_stage(Stage.READY, f"serving again after restart {self.restarts}")
+
+
+class ReplicaHead(Restarting):
+    """The head of replica K >= 1: its server behind its door, READY in its own folder."""
+
+    def job_ended(self) -> bool:
+        top = JobDir(self.jd.path)
+        return top.done.exists() or top.read_stage().stage.final
+
     def check_workers(self) -> None:
         super().check_workers()
-        top = JobDir(self.jd.path)
-        if top.done.exists() or top.read_stage().stage.final:
+        if self.job_ended():
             raise Stopped("the job's head ended")
 
+    def linger(self) -> None:
+        """After this replica ended while the job goes on: stay until the job ends (a task that
+        ended would end the job step, and with it every replica: srun --kill-on-bad-exit)."""
+        while not self.job_ended() and not self.stop.is_set():
+            self.stop.wait(1.0)
 
-class JobHead(Head):
+    def supervise(self, start: Callable[[], None], url: str) -> None:
+        while True:
+            try:
+                self.check()
+                self.check_workers()
+            except ClusterError as exc:
+                if not self.may_restart():
+                    raise
+                self.restart(start, url, exc)
+            self.stop.wait(1.0)
+
+
+class JobHead(Restarting):
     """Rank 0: replica 0's head, then the router over every replica and the job's endpoint."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.public: FrontDoor | None = None
-
-    def door_port(self, ports: Ports) -> int:
-        return ports.replica_api
+        self.public_url = ""
+        self.own = "serving"            # replica 0's server: serving, restarting or the error that ended it
+        self.shown = ""
 
     def replicas(self) -> list[ReplicaDir]:
         return [ReplicaDir(self.jd.path, k, self.plan.replica_nodes) for k in range(1, self.plan.replicas)]
 
-    def check_replicas(self) -> int:
-        """How many replicas are READY (this one included); ClusterError when one has ended."""
-        ready = 1
+    def count(self) -> tuple[int, int, list[str]]:
+        """(replicas serving, replicas that may still serve, what the ended ones said)."""
+        serving, alive = int(self.own == "serving"), int(self.own in ("serving", "restarting"))
+        ended = [] if alive else [f"replica 0: {self.own}"]
         for rd in self.replicas():
             info = rd.read_stage()
+            serving += info.stage == Stage.READY
+            alive += not info.stage.final
             if info.stage.final:
-                raise ClusterError(f"replica {rd.replica} ended: {info.stage.value}: {info.detail}")
-            ready += info.stage == Stage.READY
-        return ready
-
-    def check_workers(self) -> None:
-        super().check_workers()
-        self.check_replicas()
+                ended.append(f"replica {rd.replica}: {info.stage.value} {info.detail}")
+        return serving, alive, ended
 
     def publish(self, url: str, ident: Identity, ports: Ports, key: str | None) -> None:
         """Every replica READY, then the router and the job's door; endpoint.json and READY."""
@@ -73,7 +131,9 @@ class JobHead(Head):
 
         def all_ready() -> bool:
             nonlocal seen
-            ready = self.check_replicas()
+            ready, alive, ended = self.count()
+            if alive < total:
+                raise ClusterError(f"a replica ended before the job was READY: {'; '.join(ended)}")
             if ready != seen:
                 seen = ready
                 self.jd.write_stage(Stage.LOADING, f"replicas ready: {ready}/{total}")
@@ -94,11 +154,59 @@ class JobHead(Head):
             self.public.start()
         except OSError as exc:
             raise ServeError(f"the endpoint's port {ident.ip}:{ports.api}: {exc.strerror}") from None
-        public = f"http://{ident.ip}:{ports.api}"
+        self.public_url = f"http://{ident.ip}:{ports.api}/v1"
         self.jd.write(self.jd.endpoint, Endpoint(
-            url=f"{public}/v1", model=self.plan.served_name, host=ident.ip, port=ports.api,
+            url=self.public_url, model=self.plan.served_name, host=ident.ip, port=ports.api,
             api_key_file=str(self.jd.api_key) if self.plan.api_key else None, job_id=str(self.job.job_id)))
-        self.jd.write_stage(Stage.READY, f"{public}/v1 ({total}/{total} replicas)")
+        self.show()
+
+    def show(self) -> None:
+        """READY with how many replicas serve (and what the ended ones said); ClusterError when none
+        serves and none can come back."""
+        serving, alive, ended = self.count()
+        if alive == 0:
+            raise ClusterError(f"no replica can serve: {'; '.join(ended)}")
+        detail = f"{self.public_url} ({serving}/{self.plan.replicas} replicas{'; ' if ended else ''}" \
+                 f"{'; '.join(ended)})"
+        if detail != self.shown:
+            self.shown = detail
+            self.jd.write_stage(Stage.READY, detail)
+
+    def supervise(self, start: Callable[[], None], url: str) -> None:
+        while True:
+            try:
+                self.check()
+                self.check_workers()
+            except ClusterError as exc:
+                if any(c.name == "router" and not c.alive() for c in self.children):
+                    raise                           # no endpoint without it
+                try:
+                    if not self.may_restart():
+                        raise
+                    self.restart(start, url, exc)
+                except (ClusterError, ServeError) as end:   # replica 0's server is over: the others serve
+                    self.own = f"FAILED {end}"
+                    server = [c for c in self.children if c.name != "router"]
+                    proc.terminate_all(server, timeout=5)
+                    self.children = [c for c in self.children if c.name == "router"]
+            self.show()
+            self.stop.wait(1.0)
+
+    def check_workers(self) -> None:
+        if self.own == "serving":                   # replica 0's workers, while its server lives
+            super().check_workers()
+
+    def say(self, stage: Stage, detail: str) -> None:
+        if self.public is None:                     # once the endpoint is up, the job stays READY
+            super().say(stage, detail)
+
+    def server_down(self, detail: str) -> None:
+        self.own = "restarting"
+        self.show()
+
+    def server_up(self) -> None:
+        self.own = "serving"
+        self.show()
 
     def teardown(self) -> None:
         if self.public is not None:         # no new request reaches the router or the replicas
