@@ -137,6 +137,16 @@ def get(ep: Endpoint, path: str, key: str | None) -> int:
     return status
 
 
+def post(ep: Endpoint, key: str) -> int:
+    conn = http.client.HTTPConnection(ep.host, ep.port, timeout=10)
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1})
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
 def test_the_head_serves_through_its_door_and_fails_when_its_server_dies(tmp_path: Path) -> None:
     jd = job_folder(tmp_path)
     head = make(Head, jd, 0)
@@ -317,3 +327,56 @@ def test_only_failed_probes_make_a_peer_gone_not_a_prober_that_did_not_run() -> 
                    "new": heartbeat.Peer("c", "10.0.0.3", 1, last_ok=now - 60, silent_since=now - 5,
                                          failures=5)}
     assert [p.name for p in watch.gone()] == ["b"]
+
+
+def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tmp_path: Path) -> None:
+    """R=2 (1 node each) with the fake server: the job's head and replica 1's head run here, the real
+    vllm-router and doors between them. READY says 2/2; the job's own server killed is started again
+    (1/2 meanwhile); replica 1 that cannot come back ends alone and READY says so while the job's
+    server goes on serving; when that one cannot come back either, no replica can serve: the job fails."""
+    from slurm_vllm.core.replicadir import ReplicaDir
+    from slurm_vllm.node import replicas
+
+    data = {"name": "j", "model": {"path": "/m", "served_name": "tiny"},
+            "slurm": {"nodes": 2, "gpus_per_node": 1}, "parallelism": {"data": 2},
+            "container": {"runtime": "none"}, "network": {"interface": "lo"}}
+    plan = Plan(name="j", nodes=2, gpus_per_node=1, tp=1, pp=1, served_name="tiny", model_path="/m",
+                vllm_args=(), gcs_port=None, api_port=None, ready_timeout=60, api_key=True, replicas=2)
+    jd = JobDir(tmp_path / "j-1")
+    jd.create(yaml.safe_dump(data), plan.to_json(), api_key=True)
+    host = socket.gethostname()
+    head = replicas.JobHead(jd, JobEnv(rank=0, job_id=5150, hosts=(host,), cpus=1, gpus=()),
+                            launcher=FakeLauncher())
+    r1 = ReplicaDir(jd.path, 1, 1).verified()
+    other = replicas.ReplicaHead(r1, JobEnv(rank=0, job_id=5151, hosts=(host,), cpus=1, gpus=()),
+                                 launcher=FakeLauncher())
+    RANKS.extend([other, head])
+    raised, raised1 = start(head), start(other)
+    detail = lambda: jd.read_stage().detail  # noqa: E731
+    wait("READY 2/2", lambda: "(2/2 replicas)" in detail() or raised or raised1)
+    assert not raised and not raised1, (raised, raised1)
+    ep = Endpoint.read(jd.endpoint)
+    key = jd.api_key.read_text().strip()
+    assert get(ep, "/v1/models", None) == 401 and get(ep, "/v1/models", key) == 200
+    # the job's own server dies: started again, 1/2 meanwhile
+    seen: list[str] = []
+    server = next(c for c in head.children if c.name == "vllm")
+    server.popen.kill()
+    wait("the restart", lambda: seen.append(detail()) or (head.restarts == 1 and "(2/2 replicas)" in
+                                                           detail()))
+    assert any("(1/2 replicas)" in d for d in seen), seen
+    assert get(ep, "/v1/models", key) == 200
+    # replica 1 cannot come back: it ends alone (main() writes its FAILED), the job serves on
+    other.restarts = replicas.MAX_RESTARTS
+    next(c for c in other.children if c.name == "vllm").popen.kill()
+    wait("replica 1's end", lambda: raised1)
+    r1.write_stage(Stage.FAILED, str(raised1[0]))
+    assert [post(ep, key) for _ in range(6)] == [200] * 6     # the router retries on the other one
+    wait("READY 1/2", lambda: "(1/2 replicas; replica 1: FAILED vllm exited" in detail())
+    assert jd.read_stage().stage == Stage.READY and not raised
+    wait("the router's health checks", lambda: get(ep, "/v1/models", key) == 200, 15)
+    # and when the job's own server cannot come back either: no replica can serve
+    head.restarts = replicas.MAX_RESTARTS
+    next(c for c in head.children if c.name == "vllm").popen.kill()
+    wait("the job's failure", lambda: raised)
+    assert isinstance(raised[0], ClusterError) and "no replica can serve" in str(raised[0]), raised
