@@ -141,7 +141,9 @@ def test_replicas_that_do_not_divide_list_the_valid_choices() -> None:
 
 def test_replicas_refuse_what_they_do_not_run_yet() -> None:
     data = {"name": "t", "model": {"path": "/m"}, "slurm": {"nodes": 2}, "parallelism": {"data": 2}}
-    with pytest.raises(PlanError, match=r"batch\.shards runs one server per array task"):
-        plan.make(spec.parse({**data, "mode": "batch", "batch": {"input": "/in.jsonl"}}), {})
+    with pytest.raises(PlanError, match=r"with batch\.shards=2: choose one"):
+        plan.make(spec.parse({**data, "mode": "batch", "batch": {"input": "/in.jsonl", "shards": 2}}), {})
+    batch = plan.make(spec.parse({**data, "mode": "batch", "batch": {"input": "/in.jsonl"}}), {})
+    assert (batch.replicas, batch.mode) == (2, plan.Mode.BATCH)
     with pytest.raises(PlanError, match="run the preflight with one replica's nodes"):
         plan.make(spec.parse({**data, "preflight": True}), {})

@@ -17,6 +17,7 @@ import pytest
 from slurm_vllm.core.records import Endpoint, Replicas
 
 from .support.cli import chat, cli, expected, status
+from .support.specs import derive
 from .support.testbed import node_processes
 from .test_serve_e2e import allocation, cancel_and_check_clean, submit_wait
 
@@ -119,3 +120,30 @@ def kill_one_replica_under_load(job: str, job_dir: Path, endpoint: dict[str, str
     print(f"replicas: replica 1's vLLM killed under load: {LOAD}/{LOAD} answered; READY again "
           f"{ready_again:.0f} s and back in rotation {back:.0f} s after the kill (its first start: "
           f"{first_start:.0f} s); {served(url, key):.0f} of the next {sent} requests went to it")
+
+
+def test_a_batch_over_three_replicas_goes_through_their_router_and_ends_done(testbed: dict[str, str],
+                                                                            job_dir: Path) -> None:
+    """mode batch with R=3 on 3 nodes: the job's head sends the input through the router (its
+    concurrency for each replica); every custom_id once, each server answered a share (its own access
+    log), DONE by itself and nothing left on the nodes."""
+    from .test_batch_e2e import chat as chat_request
+    from .test_batch_e2e import results
+    from .test_failures_e2e import submit, wait_released
+
+    requests = [chat_request(i) for i in range(120)]
+    (job_dir / "input.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    spec = derive(job_dir, "test-none-replicas2.yaml", "replicas-batch", mode="batch",
+                  **{"parallelism.data": 3, "slurm.nodes": 3, "batch.input": str(job_dir / "input.jsonl"),
+                     "batch.output": str(job_dir / "results.jsonl"), "batch.concurrency": 8})
+    job = submit(spec, wait=True)
+    st = status(job["job_id"])
+    assert st["stage"] == "DONE" and st["batch"]["total"] == 120, st
+    ids = [line["custom_id"] for line in results(job_dir)]
+    assert sorted(ids) == sorted(r["custom_id"] for r in requests)
+    logs = Path(job["job_dir"]) / "logs"
+    answered = [(logs / f"vllm-{k}.log").read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')
+                for k in (0, 1, 2)]
+    assert sum(answered) >= 120 and min(answered) >= 0.2 * 120, answered
+    wait_released(job["job_id"])
+    print(f"replicas: a batch of 120 over 3 replicas: {' / '.join(map(str, answered))} answered by each")

@@ -234,9 +234,9 @@ def make(spec: JobSpec, model_config: dict[str, Any] | None = None) -> Plan:
     """The plan for SPEC; MODEL_CONFIG defaults to the model's config.json if readable here."""
     config = model_config if model_config is not None else read_model_config(spec.model.path)
     par = choose_parallel(spec, config)
-    if spec.parallelism.data > 1 and spec.mode == "batch":
-        raise PlanError(f"parallelism.data={spec.parallelism.data} with mode batch: a batch over replicas "
-                        f"is not supported yet; batch.shards runs one server per array task")
+    if spec.parallelism.data > 1 and spec.mode == "batch" and spec.batch.shards > 1:
+        raise PlanError(f"parallelism.data={spec.parallelism.data} with batch.shards={spec.batch.shards}: "
+                        f"choose one (replicas share one input through their router; shards are jobs)")
     if spec.parallelism.data > 1 and spec.preflight:
         raise PlanError(f"parallelism.data={spec.parallelism.data} with preflight: not supported yet; "
                         f"run the preflight with one replica's nodes (parallelism.data: 1)")

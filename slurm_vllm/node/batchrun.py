@@ -48,7 +48,8 @@ def run_batch(head: Rank, url: str, key: str | None) -> str:
         head.check_alive()
         head.check_workers()
 
-    driver = Driver(url, key, Path(b.input or ""), writes, head.plan.served_name, b.concurrency,
+    concurrency = b.concurrency * head.plan.replicas      # with replicas: as much in flight for each
+    driver = Driver(url, key, Path(b.input or ""), writes, head.plan.served_name, concurrency,
                     head.stop, check=alive, report=report, shard=shard, also_done=also_done)
     try:
         progress = driver.run(drain=lambda: drain_time(head))

@@ -58,7 +58,7 @@ class Head(Rank):
         sock = self.socket_dir / API_SOCKET
         sock.unlink(missing_ok=True)              # a requeued run's, or a killed one's
         url = f"unix:{sock}"
-        if self.plan.mode is not Mode.BATCH:
+        if self.plan.mode is not Mode.BATCH or self.plan.replicas > 1:   # replicas: the router's way in
             port = self.door_port(ports)
             self.door = FrontDoor(ident.ip, port, str(sock), key)
             try:
@@ -68,19 +68,25 @@ class Head(Rank):
             url = f"http://{ident.ip}:{port}"
         self.launcher.head_up(self, ident, ports, str(sock), server_env)
         self.wait_ready(url)
-        if self.plan.mode is Mode.BATCH:
-            self.done_detail = batchrun.run_batch(self, url, key)
+        if self.plan.mode is Mode.BATCH and self.sends_batch:
+            self.done_detail = batchrun.run_batch(self, self.batch_url(url, ident, ports), key)
             return
         self.publish(url, ident, ports, key)
-        self.supervise(lambda: self.launcher.head_up(self, ident, ports, str(sock), server_env), url)
+        self.supervise(lambda: self.launcher.server_again(self, ident, ports, str(sock), server_env), url)
 
     def supervise(self, start: Callable[[], None], url: str) -> None:
-        """Until vLLM or Ray dies, a worker fails, or a stop comes (START, URL: how the server was
-        started and where it answers, for a replica that starts it again: replicas.py)."""
+        """Until vLLM or Ray dies, a worker fails, or a stop comes (START, URL: how the server starts
+        again and where it answers, for a replica that restarts it: replicas.py)."""
         while True:
             self.check()
             self.check_workers()
             self.stop.wait(1.0)
+
+    sends_batch = True          # a batch job's head sends its input (a replica's head only serves)
+
+    def batch_url(self, url: str, ident: Identity, ports: Ports) -> str:
+        """Where a batch is sent: this server (URL; with replicas, their router: replicas.py)."""
+        return url
 
     def door_port(self, ports: Ports) -> int:
         """The port of the door to this server's vLLM (the job's endpoint: the API port)."""

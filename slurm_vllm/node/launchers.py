@@ -44,6 +44,14 @@ class Launcher:
         """Start this worker node's part once the head has published what it needs."""
         raise NotImplementedError
 
+    def keeps(self, head: Rank) -> set[str]:
+        """The head's children that a restart of its server keeps (replicas.py): none here."""
+        return set()
+
+    def server_again(self, head: Rank, ident: Identity, ports: Ports, sock: str, server_env: Path) -> None:
+        """Start the head's server again after it died (what keeps() kept still runs)."""
+        self.head_up(head, ident, ports, sock, server_env)
+
     def cluster_only(self, head: Rank, ident: Identity, ports: Ports) -> str:
         """`preflight --ray`: bring up the cluster alone; what DONE says."""
         raise ClusterError(f"backend {self.backend.value} starts no Ray cluster")
@@ -67,6 +75,19 @@ class RayLauncher(Launcher):
         nodes = self.join(head, ident, ports)
         head.say(Stage.LOADING, f"vllm serve TP{head.plan.tp}xPP{head.plan.pp} on "
                                            f"{', '.join(sorted(n.ip for n in nodes))}")
+
+    def keeps(self, head: Rank) -> set[str]:
+        """A 1-node replica whose vLLM died keeps its Ray head (a live one): vLLM alone starts again."""
+        alive = any(c.name == "ray-head" and c.alive() for c in head.children)
+        return {"ray-head"} if alive and head.plan.replica_nodes == 1 else set()
+
+    def server_again(self, head: Rank, ident: Identity, ports: Ports, sock: str, server_env: Path) -> None:
+        if not any(c.name == "ray-head" for c in head.children):
+            self.head_up(head, ident, ports, sock, server_env)
+            return
+        argv = vllm_argv(head.plan, ident.ip, ports.api, uds=sock)
+        head.spawn("vllm", head.runtime.exec(argv, server_env), server_env)
+        head.say(Stage.LOADING, f"vllm serve TP{head.plan.tp}xPP{head.plan.pp} again on {ident.ip}")
 
     def cluster_only(self, head: Rank, ident: Identity, ports: Ports) -> str:
         self.start_head(head, ident, ports)

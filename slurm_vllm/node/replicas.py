@@ -15,6 +15,7 @@ can. A replica's head stops when the job's head has ended.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -54,9 +55,9 @@ class Restarting(Head):
         self.started = time.monotonic()          # the restart gets the whole ready_timeout
         self.server_down(f"restarting ({self.restarts}/{MAX_RESTARTS}): {why}")
         self.serving = False
-        server = [c for c in self.children if c.name != "router"]
-        proc.terminate_all(server, timeout=5)
-        self.children = [c for c in self.children if c.name == "router"]
+        keep = {"router", *self.launcher.keeps(self)}           # the router; a live Ray head
+        proc.kill([c for c in self.children if c.name not in keep])    # what is left of a dead server
+        self.children = [c for c in self.children if c.name in keep]
         (self.socket_dir / API_SOCKET).unlink(missing_ok=True)     # the killed server's
         start()
         self.wait_ready(url)
@@ -70,7 +71,16 @@ class Restarting(Head):
 
 
 class ReplicaHead(Restarting):
-    """The head of replica K >= 1: its server behind its door, READY in its own folder."""
+    """The head of replica K >= 1: its server behind its door, READY in its own folder (in a batch
+    job too: the job's head sends the batch through the router)."""
+
+    sends_batch = False
+
+    def install_signals(self) -> None:
+        """As every rank, but the time limit's early signal (SIGUSR2) does not stop a replica: the
+        job's head drains its batch through it, and the replica stops when the job's head is done."""
+        super().install_signals()
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     def job_ended(self) -> bool:
         top = JobDir(self.jd.path)
@@ -124,8 +134,9 @@ class JobHead(Restarting):
                 ended.append(f"replica {rd.replica}: {info.stage.value} {info.detail}")
         return serving, alive, ended
 
-    def publish(self, url: str, ident: Identity, ports: Ports, key: str | None) -> None:
-        """Every replica READY, then the router and the job's door; endpoint.json and READY."""
+    def start_router(self, url: str, ports: Ports) -> str:
+        """Every replica READY (URL: this one's door), then vllm-router over their doors on loopback;
+        the router's URL."""
         total = self.plan.replicas
         seen = 0
 
@@ -149,7 +160,16 @@ class JobHead(Restarting):
         self.watchdog.watch(router.popen.pid)
         self.wait_for(f"the router on 127.0.0.1:{ports.router}",
                       lambda: port_open("127.0.0.1", ports.router), self.plan.ready_timeout)
-        self.public = FrontDoor(ident.ip, ports.api, f"tcp:127.0.0.1:{ports.router}", key)
+        return f"http://127.0.0.1:{ports.router}"
+
+    def batch_url(self, url: str, ident: Identity, ports: Ports) -> str:
+        """A batch over replicas goes through their router (batch.concurrency for each replica)."""
+        return self.start_router(url, ports)
+
+    def publish(self, url: str, ident: Identity, ports: Ports, key: str | None) -> None:
+        """Every replica READY, then the router and the job's door; endpoint.json and READY."""
+        router = self.start_router(url, ports)
+        self.public = FrontDoor(ident.ip, ports.api, f"tcp:{router.removeprefix('http://')}", key)
         try:
             self.public.start()
         except OSError as exc:
