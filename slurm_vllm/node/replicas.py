@@ -63,6 +63,26 @@ class Restarting(Head):
         self.wait_ready(url)
         self.server_up()
 
+    def supervise(self, start: Callable[[], None], url: str) -> None:
+        """As every head, but a server that dies is started again (server_died)."""
+        while True:
+            try:
+                self.check()
+                self.check_workers()
+            except ClusterError as exc:
+                self.server_died(start, url, exc)
+            self.tick()
+            self.stop.wait(1.0)
+
+    def server_died(self, start: Callable[[], None], url: str, exc: ClusterError) -> None:
+        """Start the server again, or raise EXC when it may not come back."""
+        if not self.may_restart():
+            raise exc
+        self.restart(start, url, exc)
+
+    def tick(self) -> None:
+        """Once a supervision round (the job's head: READY with how many replicas serve)."""
+
     def server_down(self, detail: str) -> None:
         self.jd.write_stage(Stage.LOADING, detail)
 
@@ -97,16 +117,6 @@ class ReplicaHead(Restarting):
         while not self.job_ended() and not self.stop.is_set():
             self.stop.wait(1.0)
 
-    def supervise(self, start: Callable[[], None], url: str) -> None:
-        while True:
-            try:
-                self.check()
-                self.check_workers()
-            except ClusterError as exc:
-                if not self.may_restart():
-                    raise
-                self.restart(start, url, exc)
-            self.stop.wait(1.0)
 
 
 class JobHead(Restarting):
@@ -192,25 +202,19 @@ class JobHead(Restarting):
             self.shown = detail
             self.jd.write_stage(Stage.READY, detail)
 
-    def supervise(self, start: Callable[[], None], url: str) -> None:
-        while True:
-            try:
-                self.check()
-                self.check_workers()
-            except ClusterError as exc:
-                if any(c.name == "router" and not c.alive() for c in self.children):
-                    raise                           # no endpoint without it
-                try:
-                    if not self.may_restart():
-                        raise
-                    self.restart(start, url, exc)
-                except (ClusterError, ServeError) as end:   # replica 0's server is over: the others serve
-                    self.own = f"FAILED {end}"
-                    server = [c for c in self.children if c.name != "router"]
-                    proc.terminate_all(server, timeout=5)
-                    self.children = [c for c in self.children if c.name == "router"]
-            self.show()
-            self.stop.wait(1.0)
+    def server_died(self, start: Callable[[], None], url: str, exc: ClusterError) -> None:
+        if any(c.name == "router" and not c.alive() for c in self.children):
+            raise exc                               # no endpoint without it
+        try:
+            super().server_died(start, url, exc)
+        except (ClusterError, ServeError) as end:   # replica 0's server is over: the others serve
+            self.own = f"FAILED {end}"
+            server = [c for c in self.children if c.name != "router"]
+            proc.terminate_all(server, timeout=5)
+            self.children = [c for c in self.children if c.name == "router"]
+
+    def tick(self) -> None:
+        self.show()
 
     def check_workers(self) -> None:
         if self.own == "serving":                   # replica 0's workers, while its server lives
