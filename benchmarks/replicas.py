@@ -1,12 +1,13 @@
-"""Benchmark: replicas behind one endpoint on the test bed (real Slurm, Ray, vLLM, vllm-router).
+"""Benchmark: replicas behind one endpoint on the test bed (real Slurm, Ray, vLLM, sglang-router).
 
 1. Requests/s through the endpoint for R = 1 (one node) and R = 2 (two nodes; the same cores per
    replica): the same chat load (REQUESTS requests, max_tokens 16, CONCURRENCY clients) sent to each.
    On the test bed every node shares the host's CPUs, so the ratio says little about a cluster.
-2. What the balancer adds per request: with R = 2 up, GET /v1/models (vLLM answers it at once)
-   sequentially over a kept-alive connection, interleaved, through the endpoint (the job's door,
-   vllm-router, the replica's door) and straight to a replica's door; the difference of the medians
-   is the job's door and the router.
+2. What the balancer adds per request: with R = 2 up, a 1-token completion (POST /v1/completions,
+   max_tokens 1: the router passes it on, the shortest work vLLM does) sequentially over a
+   kept-alive connection, interleaved, through the endpoint (the job's door, the router, a
+   replica's door) and straight to a replica's door; the difference of the medians is the job's
+   door and the router.
 
 Usage: eval "$(scripts/testbed env)"; python benchmarks/replicas.py [--requests 200] [--concurrency 16]
 """
@@ -51,13 +52,15 @@ def load(endpoint: dict[str, str], key: str, n: int, clients: int) -> float:
     return n / (time.monotonic() - t0)
 
 
-def latencies(url: str, key: str, n: int) -> list[float]:
+def latencies(url: str, key: str, model: str, n: int) -> list[float]:
     u = urlparse(url)
     conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=30)
+    body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1})
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        conn.request("POST", "/v1/completions", body=body,
+                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         resp = conn.getresponse()
         resp.read()
         out.append(time.perf_counter() - t0)
@@ -89,13 +92,13 @@ def main() -> None:
                                          / "replicas.json").urls[1]
                     through, direct = [], []
                     for _ in range(args.probes // 50):               # interleaved in rounds of 50
-                        through += latencies(endpoint["url"].removesuffix("/v1"), key, 50)
-                        direct += latencies(door, key, 50)
+                        through += latencies(endpoint["url"].removesuffix("/v1"), key, endpoint["model"], 50)
+                        direct += latencies(door, key, endpoint["model"], 50)
                     p50 = (statistics.median(through), statistics.median(direct))
                     p99 = (sorted(through)[int(0.99 * len(through))], sorted(direct)[int(0.99 * len(direct))])
-                    print(f"GET /v1/models p50 / p99: through the endpoint {p50[0] * 1e3:.2f} / "
+                    print(f"1-token completion p50 / p99: through the endpoint {p50[0] * 1e3:.2f} / "
                           f"{p99[0] * 1e3:.2f} ms, straight to a replica's door {p50[1] * 1e3:.2f} / "
-                          f"{p99[1] * 1e3:.2f} ms: the job's door + vllm-router add "
+                          f"{p99[1] * 1e3:.2f} ms: the job's door + the router add "
                           f"{(p50[0] - p50[1]) * 1e3:.2f} ms at p50", flush=True)
             finally:
                 subprocess.run([sys.executable, "-m", "slurm_vllm", "cancel", job], capture_output=True)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from slurm_vllm.core.unixhttp import UnixHTTPConnection
-from slurm_vllm.node.frontdoor import FrontDoor
+from slurm_vllm.node.frontdoor import FrontDoor, with_authorization
 
 pytestmark = pytest.mark.unit
 KEY = "sk-door-test"
@@ -209,3 +209,34 @@ def test_a_tcp_upstream_gets_the_request_and_its_key(tmp_path: Path) -> None:
         d.stop()
         up.shutdown()
         up.server_close()
+
+
+def test_with_an_upstream_key_every_request_carries_it_and_nothing_else(tmp_path: Path) -> None:
+    """A job without an API key in front of the router (which always checks one): the door lets
+    every request in and replaces whatever Authorization the client sent by the router's key."""
+    class TcpUpstream(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        seen: list[tuple[str, str, bytes]]
+
+    up = TcpUpstream(("127.0.0.1", 0), handler())
+    up.seen = []
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    d = FrontDoor("127.0.0.1", 0, f"tcp:127.0.0.1:{up.server_address[1]}", None, upstream_key="inner")
+    d.start()
+    assert d.server is not None
+    d.port = d.server.sockets[0].getsockname()[1]
+    try:
+        for given in (None, "forged"):
+            status, body = request(d, "GET", "/v1/models", key=given)
+            assert status == 200 and json.loads(body) == {"path": "/v1/models", "auth": "Bearer inner"}
+    finally:
+        d.stop()
+        up.shutdown()
+        up.server_close()
+
+
+def test_with_authorization_replaces_every_authorization_header() -> None:
+    head = b"POST /v1/x HTTP/1.1\r\nHost: h\r\nauthorization: Bearer a\r\nAUTHORIZATION: b\r\nX: 1\r\n\r\n"
+    assert with_authorization(head, "k") == (b"POST /v1/x HTTP/1.1\r\nHost: h\r\nX: 1\r\n"
+                                             b"Authorization: Bearer k\r\n\r\n")

@@ -147,6 +147,16 @@ def post(ep: Endpoint, key: str) -> int:
     return status
 
 
+def router_call(ep: Endpoint, method: str, path: str, key: str | None, body: object = None) -> int:
+    conn = http.client.HTTPConnection(ep.host, ep.port, timeout=10)
+    conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                 headers={"Content-Type": "application/json",
+                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
 def test_the_head_serves_through_its_door_and_fails_when_its_server_dies(tmp_path: Path) -> None:
     jd = job_folder(tmp_path)
     head = make(Head, jd, 0)
@@ -331,7 +341,7 @@ def test_only_failed_probes_make_a_peer_gone_not_a_prober_that_did_not_run() -> 
 
 def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tmp_path: Path) -> None:
     """R=2 (1 node each) with the fake server: the job's head and replica 1's head run here, the real
-    vllm-router and doors between them. READY says 2/2; the job's own server killed is started again
+    sglang-router and doors between them. READY says 2/2; the job's own server killed is started again
     (1/2 meanwhile); replica 1 that cannot come back ends alone and READY says so while the job's
     server goes on serving; when that one cannot come back either, no replica can serve: the job fails."""
     from slurm_vllm.core.replicadir import ReplicaDir
@@ -358,13 +368,24 @@ def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tm
     ep = Endpoint.read(jd.endpoint)
     key = jd.api_key.read_text().strip()
     assert get(ep, "/v1/models", None) == 401 and get(ep, "/v1/models", key) == 200
+    # the router on loopback (open to every user of the node) lists, adds and removes replicas only
+    # for the key: a stranger cannot put a server of theirs among the replicas
+    argv = list(next(c for c in head.children if c.name == "router").popen.args)  # type: ignore[arg-type]
+    port = int(argv[argv.index("slurm_vllm.node.balancer") + 1])
+    router = Endpoint(url="", model="", host="127.0.0.1", port=port, api_key_file=None, job_id="5")
+    stranger = {"url": "http://127.0.0.1:9", "model_id": "tiny"}
+    assert get(router, "/workers", None) == 401
+    assert router_call(router, "POST", "/workers", None, stranger) == 401
+    assert router_call(router, "DELETE", "/workers/x", None) == 401
+    assert router_call(router, "POST", "/flush_cache", None) == 401 and post(router, "not-the-key") == 401
+    assert get(router, "/workers", key) == 200
     # the job's own server dies: started again, 1/2 meanwhile
-    seen: list[str] = []
     server = next(c for c in head.children if c.name == "vllm")
     server.popen.kill()
-    wait("the restart", lambda: seen.append(detail()) or (head.restarts == 1 and "(2/2 replicas)" in
-                                                           detail()))
-    assert any("(1/2 replicas)" in d for d in seen), seen
+    wait("the restart", lambda: head.restarts == 1 and "(2/2 replicas)" in detail())
+    said = jd.stage_log.read_text().splitlines()          # every READY line, however short-lived
+    assert [line.split("(")[-1] for line in said if " READY " in line] == \
+        ["2/2 replicas)", "1/2 replicas)", "2/2 replicas)"], said
     assert get(ep, "/v1/models", key) == 200
     # replica 1 cannot come back: it ends alone (main() writes its FAILED), the job serves on
     other.restarts = replicas.MAX_RESTARTS
@@ -380,3 +401,38 @@ def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tm
     next(c for c in head.children if c.name == "vllm").popen.kill()
     wait("the job's failure", lambda: raised)
     assert isinstance(raised[0], ClusterError) and "no replica can serve" in str(raised[0]), raised
+
+
+def test_replicas_of_a_job_without_a_key_still_have_a_router_only_the_door_can_use(tmp_path: Path) -> None:
+    """vllm.api_key: none with R=2: the endpoint answers without a key, as the user chose, but the
+    router on loopback still refuses a stranger (its own key, 0600, which the job's door adds)."""
+    from slurm_vllm.core.replicadir import ReplicaDir
+    from slurm_vllm.node import replicas
+
+    data = {"name": "j", "model": {"path": "/m", "served_name": "tiny"},
+            "slurm": {"nodes": 2, "gpus_per_node": 1}, "parallelism": {"data": 2},
+            "container": {"runtime": "none"}, "network": {"interface": "lo"}, "vllm": {"api_key": "none"}}
+    plan = Plan(name="j", nodes=2, gpus_per_node=1, tp=1, pp=1, served_name="tiny", model_path="/m",
+                vllm_args=(), gcs_port=None, api_port=None, ready_timeout=60, api_key=False, replicas=2)
+    jd = JobDir(tmp_path / "j-1")
+    jd.create(yaml.safe_dump(data), plan.to_json(), api_key=False)
+    host = socket.gethostname()
+    head = replicas.JobHead(jd, JobEnv(rank=0, job_id=6160, hosts=(host,), cpus=1, gpus=()),
+                            launcher=FakeLauncher())
+    other = replicas.ReplicaHead(ReplicaDir(jd.path, 1, 1).verified(),
+                                 JobEnv(rank=0, job_id=6161, hosts=(host,), cpus=1, gpus=()),
+                                 launcher=FakeLauncher())
+    RANKS.extend([other, head])
+    raised, raised1 = start(head), start(other)
+    wait("READY 2/2", lambda: "(2/2 replicas)" in jd.read_stage().detail or raised or raised1)
+    assert not raised and not raised1, (raised, raised1)
+    ep = Endpoint.read(jd.endpoint)
+    assert ep.api_key_file is None and not jd.api_key.exists()
+    assert [post(ep, "anything") for _ in range(4)] == [200] * 4
+    assert get(ep, "/v1/models", None) == 200
+    argv = list(next(c for c in head.children if c.name == "router").popen.args)  # type: ignore[arg-type]
+    router = Endpoint(url="", model="", host="127.0.0.1", api_key_file=None, job_id="6",
+                      port=int(argv[argv.index("slurm_vllm.node.balancer") + 1]))
+    assert get(router, "/workers", None) == 401 and post(router, "anything") == 401
+    assert jd.router_key.stat().st_mode & 0o777 == 0o600
+    assert get(router, "/workers", jd.router_key.read_text().strip()) == 200

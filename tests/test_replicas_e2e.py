@@ -1,4 +1,4 @@
-"""e2e on the test bed: replicas (parallelism.data) behind one endpoint through vllm-router."""
+"""e2e on the test bed: replicas (parallelism.data) behind one endpoint through the router (sglang-router)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +25,7 @@ from .test_serve_e2e import allocation, cancel_and_check_clean, submit_wait
 
 pytestmark = pytest.mark.e2e
 LOAD = 200
+LINKS = ("eth0", "eth1")
 
 
 def served(url: str, key: str) -> float:
@@ -65,9 +68,63 @@ def test_two_replicas_serve_behind_one_endpoint_and_share_the_load(testbed: dict
         shares = [served(u, key) - b for u, b in zip(replica_urls, before, strict=True)]
         assert sum(shares) == LOAD and min(shares) >= 0.3 * LOAD, shares
         print(f"replicas: {LOAD} requests through the endpoint, served {shares[0]:.0f} / {shares[1]:.0f}")
+        stranger_meets_a_closed_router(job_dir, nodes[0])
         kill_one_replica_under_load(job, job_dir, endpoint, key, replica_urls[1], nodes[1])
+        lose_a_replicas_node(job, endpoint, key, nodes[1])
     finally:
+        for link in LINKS:                                    # back up, whatever happened
+            subprocess.run(["ip", "netns", "exec", f"svt-node{nodes[1][-1]}", "ip", "link", "set", link,
+                            "up"], check=False)
         cancel_and_check_clean(job)
+
+
+def stranger_meets_a_closed_router(job_dir: Path, head: str) -> None:
+    """Another user on the head node reaches the router's loopback port: without the key it can
+    neither list, add nor remove replicas, nor send a request (every route that serves or changes
+    something answers 401), and the replicas stay the job's two."""
+    argv = next(cmd for _, _, cmd in node_processes(int(head[-1])) if "slurm_vllm.node.balancer" in cmd)
+    port = int(argv.split("slurm_vllm.node.balancer", 1)[1].split()[0])
+
+    def call(method: str, path: str, body: object = None) -> int:
+        script = ("import json, sys, urllib.request, urllib.error\n"
+                  "req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode() or None, "
+                  "method=sys.argv[3], headers={'Content-Type': 'application/json'})\n"
+                  "try:\n    print(urllib.request.urlopen(req, timeout=10).status)\n"
+                  "except urllib.error.HTTPError as e:\n    print(e.code)\n")
+        out = subprocess.run(["ip", "netns", "exec", f"svt-node{head[-1]}", sys.executable, "-c", script,
+                              f"http://127.0.0.1:{port}{path}", json.dumps(body) if body else "", method],
+                             capture_output=True, text=True, timeout=30, check=True)
+        return int(out.stdout)
+
+    attempts = {"list": call("GET", "/workers"),
+                "add": call("POST", "/workers", {"url": "http://127.0.0.1:9", "model_id": "x"}),
+                "remove": call("DELETE", "/workers/any"), "flush": call("POST", "/flush_cache"),
+                "chat": call("POST", "/v1/chat/completions", {"model": "x", "messages": []})}
+    assert attempts == dict.fromkeys(attempts, 401), attempts
+    metrics = subprocess.run(["ip", "netns", "exec", f"svt-node{head[-1]}", "curl", "-s",
+                              f"http://127.0.0.1:{port}/engine_metrics"], capture_output=True, text=True,
+                             timeout=30)
+    assert "vllm:" not in metrics.stdout, metrics.stdout[:300]     # the replicas' doors refuse it too
+    assert len(Replicas.read(job_dir / "replicas.json").urls) == 2
+
+
+def lose_a_replicas_node(job: str, endpoint: dict[str, str], key: str, node: str) -> None:
+    """Replica 1's node drops off the network (its links down): within 30 s READY names it
+    (`1/2 replicas; replica 1: FAILED lost its node: nodeN …`) and the endpoint serves on."""
+    for link in LINKS:
+        subprocess.run(["ip", "netns", "exec", f"svt-node{node[-1]}", "ip", "link", "set", link, "down"],
+                       check=True)
+    down = time.monotonic()
+    while "replica 1: FAILED lost its node" not in (st := status(job))["detail"]:
+        assert st["stage"] == "READY", st
+        assert time.monotonic() - down < 30, f"the lost node not named within 30 s: {st}"
+        time.sleep(0.3)
+    named = time.monotonic() - down
+    assert "(1/2 replicas" in st["detail"] and f"{node} (replica 1's head)" in st["detail"], st
+    answers = [chat(endpoint, key, f"after the loss {i}") for i in range(6)]
+    assert all(isinstance(a, str) for a in answers)
+    print(f"replicas: replica 1's node taken off the network: named in {named:.0f} s ({st['detail']}); "
+          f"6 of 6 requests answered after")
 
 
 def started_in(stage_log: Path) -> float:

@@ -111,6 +111,11 @@ class JobDir:
         return self.path / "api_key"
 
     @property
+    def router_key(self) -> Path:
+        """The key the replicas' router checks when the job has no API key (vllm.api_key: none)."""
+        return self.path / "router_key"
+
+    @property
     def ray_token(self) -> Path:
         return self.path / "ray_token"
 

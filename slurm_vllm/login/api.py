@@ -109,7 +109,7 @@ class Validation:
                f"in {where}"]
         if plan.replicas > 1:
             out[0] = out[0].replace(" -> ", f" -> {plan.replicas} replicas of ", 1)
-            out.append(f"ok: layout: {layout(plan)}; one endpoint on the first node (vllm-router)")
+            out.append(f"ok: layout: {layout(plan)}; one endpoint on the first node (sglang-router)")
         if self.batch is not None:
             urls = ", ".join(f"{n} {u}" for u, n in sorted(self.batch.by_url.items()))
             out.append(f"ok: batch input {spec.batch.input}: {self.batch.requests} requests ({urls}); "

@@ -45,7 +45,8 @@ def rank_for(jd: JobDir, job: JobEnv) -> tuple[Rank, JobDir, JobEnv]:
         return (Head if job.rank == 0 else Worker)(jd, job), jd, job
     k, local = divmod(job.rank, nodes)
     rjd = replica_dir(jd, k, nodes)
-    rjob = dataclasses.replace(job, rank=local, hosts=job.hosts[k * nodes:(k + 1) * nodes])
+    rjob = dataclasses.replace(job, rank=local, hosts=job.hosts[k * nodes:(k + 1) * nodes],
+                               allocation=job.hosts)
     kind: type[Rank] = Worker if local else (JobHead if k == 0 else ReplicaHead)
     return kind(rjd.verified(), rjob), rjd, rjob
 

@@ -65,6 +65,13 @@ def body_kind(headers: dict[str, list[str]]) -> tuple[str, int]:
     return ("length", int(lengths[0])) if lengths else ("none", 0)
 
 
+def with_authorization(head: bytes, key: str) -> bytes:
+    """HEAD with its Authorization headers replaced by `Authorization: Bearer KEY`."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [line for line in lines[1:] if not line.lower().startswith(b"authorization:")]
+    return b"\r\n".join([lines[0], *kept, f"Authorization: Bearer {key}".encode("latin-1")]) + b"\r\n\r\n"
+
+
 def _answer(status: int, message: str) -> bytes:
     reason = http.client.responses.get(status, "Error")
     error = {"message": message, "type": "invalid_request_error", "code": status}
@@ -77,11 +84,14 @@ def _answer(status: int, message: str) -> bytes:
 class FrontDoor:
     """The door at HOST:PORT to vLLM's socket UPSTREAM (or `tcp:HOST:PORT`: with replicas, the job's
     door to their router), letting in requests that carry KEY (every
-    request, when KEY is None: the spec turned the key off). start() binds (ServeError-free: an
-    OSError when the port is taken) and serves in a daemon thread; stop() closes it."""
+    request, when KEY is None: the spec turned the key off). UPSTREAM_KEY: the key the upstream
+    checks when the job has none (the replicas' router), put on every request let through.
+    start() binds (ServeError-free: an OSError when the port is taken) and serves in a daemon
+    thread; stop() closes it."""
 
-    def __init__(self, host: str, port: int, upstream: str, key: str | None) -> None:
-        self.host, self.port, self.upstream = host, port, upstream
+    def __init__(self, host: str, port: int, upstream: str, key: str | None,
+                 upstream_key: str | None = None) -> None:
+        self.host, self.port, self.upstream, self.upstream_key = host, port, upstream, upstream_key
         self.expected = f"Bearer {key}".encode() if key else None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="front-door", daemon=True)
@@ -137,7 +147,8 @@ class FrontDoor:
                 if up_writer is None:
                     up_reader, up_writer = await self._connect()
                     pump = asyncio.create_task(self._pipe(up_reader, writer))
-                up_writer.write(head)
+                up_writer.write(head if self.upstream_key is None else
+                                with_authorization(head, self.upstream_key))
                 if "upgrade" in headers:                     # a websocket: raw both ways from here
                     await self._pipe(reader, up_writer)
                     break

@@ -69,7 +69,7 @@ class Head(Rank):
         self.launcher.head_up(self, ident, ports, str(sock), server_env)
         self.wait_ready(url)
         if self.plan.mode is Mode.BATCH and self.sends_batch:
-            self.done_detail = batchrun.run_batch(self, self.batch_url(url, ident, ports), key)
+            self.done_detail = batchrun.run_batch(self, *self.batch_target(url, ports, key))
             return
         self.publish(url, ident, ports, key)
         self.supervise(lambda: self.launcher.server_again(self, ident, ports, str(sock), server_env), url)
@@ -84,9 +84,10 @@ class Head(Rank):
 
     sends_batch = True          # a batch job's head sends its input (a replica's head only serves)
 
-    def batch_url(self, url: str, ident: Identity, ports: Ports) -> str:
-        """Where a batch is sent: this server (URL; with replicas, their router: replicas.py)."""
-        return url
+    def batch_target(self, url: str, ports: Ports, key: str | None) -> tuple[str, str | None]:
+        """Where a batch is sent and with which key: this server (URL, KEY; with replicas, their
+        router: replicas.py)."""
+        return url, key
 
     def door_port(self, ports: Ports) -> int:
         """The port of the door to this server's vLLM (the job's endpoint: the API port)."""

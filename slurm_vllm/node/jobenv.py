@@ -22,6 +22,7 @@ class JobEnv:
     gpus: tuple[str, ...]
     restart_count: int = 0          # how many times Slurm requeued the job before this run
     array_task: int | None = None   # a job array's task (a batch shard), else None
+    allocation: tuple[str, ...] = ()  # with replicas: every node of the job (HOSTS: the replica's)
 
     @property
     def head_host(self) -> str:

@@ -157,14 +157,18 @@ class Rank:
     def start_heartbeat(self, ident: Identity, ports: Ports) -> None:
         """Multi-node: answer probes on the job's address, say where (a worker: in the job folder;
         the head: in head.json), and probe the peers (heartbeat.py)."""
-        if self.plan.replica_nodes < 2:
+        watches = self.plan.replica_nodes >= 2                  # this server's other nodes
+        watched = self.plan.replicas > 1 and self.rank == 0     # a replica's head: by the job's head
+        if not (watches or watched):
             return
         try:
             self.beacon = Beacon(ident.ip, ports.heartbeat)
         except OSError as exc:
             raise ClusterError(f"the heartbeat port {ident.ip}:{ports.heartbeat}: {exc.strerror}") from None
-        self.peers, self.interface = Watch(), ident.interface
-        if self.rank > 0:
+        self.interface = ident.interface
+        if watches:
+            self.peers = Watch()
+        if self.rank > 0 or watched:
             self.jd.write(self.jd.heartbeat(self.rank), Rendezvous(ident.ip, ports.heartbeat))
 
     def check_peers(self) -> None:

@@ -3,7 +3,7 @@
 Every replica is a one-server job of its own nodes (its ranks work in its folder view, replicadir):
 its head serves vLLM behind a door on its node (the replica API port; the key on every route, as
 the job's endpoint). The job's head is replica 0's head too: once every replica is READY it starts
-vllm-router on loopback over the replicas' doors (balancer.py) and the job's door on the API port
+the router on loopback over the replicas' doors (balancer.py) and the job's door on the API port
 in front of it, writes endpoint.json and READY "R/R replicas".
 
 A replica's server that dies while serving is started again on its node (a 1-node replica; up to
@@ -15,19 +15,23 @@ can. A replica's head stops when the job's head has ended.
 
 from __future__ import annotations
 
+import secrets
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from slurm_vllm.core import proc
 from slurm_vllm.core.errors import ClusterError, ServeError
-from slurm_vllm.core.jobdir import JobDir
+from slurm_vllm.core.jobdir import JobDir, read_secret, write_secret
 from slurm_vllm.core.plan import Ports
-from slurm_vllm.core.records import Endpoint, Replicas, Stage
+from slurm_vllm.core.records import Endpoint, Rendezvous, Replicas, Stage
 from slurm_vllm.core.replicadir import ReplicaDir, replicas_file
+from slurm_vllm.node import balancer
 from slurm_vllm.node.frontdoor import FrontDoor
 from slurm_vllm.node.head import Head
+from slurm_vllm.node.heartbeat import Watch, says
 from slurm_vllm.node.netid import Identity
 from slurm_vllm.node.probes import port_open
 from slurm_vllm.node.rank import API_SOCKET
@@ -128,9 +132,27 @@ class JobHead(Restarting):
         self.public_url = ""
         self.own = "serving"            # replica 0's server: serving, restarting or the error that ended it
         self.shown = ""
+        self.heads = Watch()            # the other replicas' heads, probed on the job's network
 
     def replicas(self) -> list[ReplicaDir]:
         return [ReplicaDir(self.jd.path, k, self.plan.replica_nodes) for k in range(1, self.plan.replicas)]
+
+    def watch_heads(self) -> None:
+        """Probe each other replica's head once it said where; a head whose node stopped answering
+        cannot say so itself: its replica is FAILED here, naming the node (the job serves on)."""
+        for rd in self.replicas():
+            key = str(rd.replica)
+            if not self.heads.watching(key) and rd.heartbeat(0).exists():
+                addr = Rendezvous.read(rd.heartbeat(0))
+                first = rd.replica * self.plan.replica_nodes          # its head's node
+                hosts = self.job.allocation
+                host = hosts[first] if first < len(hosts) else addr.ip
+                self.heads.add(key, f"{host} (replica {rd.replica}'s head)", addr.ip, addr.port)
+        gone = {id(peer) for peer in self.heads.gone()}
+        for rd in self.replicas():
+            peer = self.heads.peers.get(str(rd.replica))
+            if peer is not None and id(peer) in gone and not rd.read_stage().stage.final:
+                rd.write_stage(Stage.FAILED, f"lost its node: {says(peer, self.interface)}")
 
     def count(self) -> tuple[int, int, list[str]]:
         """(replicas serving, replicas that may still serve, what the ended ones said)."""
@@ -144,14 +166,24 @@ class JobHead(Restarting):
                 ended.append(f"replica {rd.replica}: {info.stage.value} {info.detail}")
         return serving, alive, ended
 
-    def start_router(self, url: str, ports: Ports) -> str:
-        """Every replica READY (URL: this one's door), then vllm-router over their doors on loopback;
-        the router's URL."""
+    def router_key(self) -> Path:
+        """The file of the key the router checks: the job's API key, or with `vllm.api_key: none` an
+        internal one (0600) that the job's door adds to each request it lets in."""
+        if self.plan.api_key:
+            return self.jd.api_key
+        if not self.jd.router_key.exists():
+            write_secret(self.jd.router_key, "sk-" + secrets.token_urlsafe(32))
+        return self.jd.router_key
+
+    def start_router(self, url: str, ports: Ports) -> tuple[str, str]:
+        """Every replica READY (URL: this one's door), then the router over their doors on loopback,
+        each registered; (the router's URL, the key it checks)."""
         total = self.plan.replicas
         seen = 0
 
         def all_ready() -> bool:
             nonlocal seen
+            self.watch_heads()
             ready, alive, ended = self.count()
             if alive < total:
                 raise ClusterError(f"a replica ended before the job was READY: {'; '.join(ended)}")
@@ -163,23 +195,45 @@ class JobHead(Restarting):
         self.wait_for(f"{total} replicas to be READY", all_ready, self.plan.ready_timeout)
         urls = [url] + [Endpoint.read(rd.endpoint).url.removesuffix("/v1") for rd in self.replicas()]
         self.jd.write(replicas_file(self.jd), Replicas(tuple(urls)))
+        key_file = self.router_key()
+        key = read_secret(key_file)
         argv = [sys.executable, "-m", "slurm_vllm.node.balancer", str(ports.router),
-                str(ports.router_metrics), *urls]
+                str(ports.router_metrics), str(key_file)]
         router = proc.spawn("router", argv, self.jd.rank_log("router", 0), env=None)   # no secret in its env
         self.children.append(router)
         self.watchdog.watch(router.popen.pid)
-        self.wait_for(f"the router on 127.0.0.1:{ports.router}",
-                      lambda: port_open("127.0.0.1", ports.router), self.plan.ready_timeout)
-        return f"http://127.0.0.1:{ports.router}"
 
-    def batch_url(self, url: str, ident: Identity, ports: Ports) -> str:
+        def alive() -> None:
+            if not router.alive():
+                raise ClusterError(f"the router ended (exit {router.popen.poll()}): see "
+                                   f"{self.jd.rank_log('router', 0)}")
+
+        def listens() -> bool:
+            alive()
+            return port_open("127.0.0.1", ports.router)
+
+        def registered() -> bool:
+            alive()
+            return balancer.healthy_workers(ports.router, key) == total
+
+        self.wait_for(f"the router on 127.0.0.1:{ports.router}", listens, self.plan.ready_timeout)
+        try:
+            balancer.register(ports.router, key, self.plan.served_name, urls)
+        except (OSError, ValueError) as exc:
+            raise ClusterError(f"registering the replicas with the router: {exc}") from None
+        self.wait_for(f"the router on 127.0.0.1:{ports.router} with {total} replicas", registered,
+                      self.plan.ready_timeout)
+        return f"http://127.0.0.1:{ports.router}", key
+
+    def batch_target(self, url: str, ports: Ports, key: str | None) -> tuple[str, str | None]:
         """A batch over replicas goes through their router (batch.concurrency for each replica)."""
         return self.start_router(url, ports)
 
     def publish(self, url: str, ident: Identity, ports: Ports, key: str | None) -> None:
         """Every replica READY, then the router and the job's door; endpoint.json and READY."""
-        router = self.start_router(url, ports)
-        self.public = FrontDoor(ident.ip, ports.api, f"tcp:{router.removeprefix('http://')}", key)
+        router, router_key = self.start_router(url, ports)
+        self.public = FrontDoor(ident.ip, ports.api, f"tcp:{router.removeprefix('http://')}", key,
+                                upstream_key=None if key else router_key)
         try:
             self.public.start()
         except OSError as exc:
@@ -214,6 +268,7 @@ class JobHead(Restarting):
             self.children = [c for c in self.children if c.name == "router"]
 
     def tick(self) -> None:
+        self.watch_heads()
         self.show()
 
     def check_workers(self) -> None:
@@ -233,6 +288,7 @@ class JobHead(Restarting):
         self.show()
 
     def teardown(self) -> None:
+        self.heads.stop()
         if self.public is not None:         # no new request reaches the router or the replicas
             self.public.stop()
         super().teardown()
