@@ -8,10 +8,12 @@ can be stopped mid-run.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 
 from slurm_vllm.batch.driver import BatchError, Driver
 from slurm_vllm.batch.merge import merge, part_path, shard_of
+from slurm_vllm.batch.order import prompt_text
 from slurm_vllm.batch.output import input_digest, write_record
 from slurm_vllm.batch.reader import BatchInputError, done_ids, repair, validate
 from slurm_vllm.core.errors import ServeError
@@ -138,6 +141,9 @@ class FakeVllm:
         self.dead = threading.Event()              # set: answer nothing, drop the connection
         self.fail_next = 0                         # answer this many requests 500 (a passing fault)
         self.failing = ""                          # answer 500 to every prompt holding this
+        self.capacity = 0                          # > 0: at most this many run at once, the rest
+        self.gate = threading.Semaphore(1)         # wait (and GET /metrics says so, as vLLM's)
+        self.prompts: list[str] = []               # each request's prompt text, in arrival order
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -146,14 +152,31 @@ class FakeVllm:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_GET(self) -> None:                 # /metrics: what vLLM says of its load
+                with fake.lock:
+                    running = min(fake.in_flight, fake.capacity)
+                    waiting = fake.in_flight - running
+                data = (f'vllm:num_requests_running{{engine="0",model_name="tiny"}} {running:.1f}\n'
+                        f'vllm:num_requests_waiting{{engine="0",model_name="tiny"}} {waiting:.1f}\n'
+                        f'vllm:kv_cache_usage_perc{{engine="0",model_name="tiny"}} 0.1\n').encode()
+                self.send_response(200 if fake.capacity else 404)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
+                    fake.prompts.append(prompt_text(body))
                     fake.in_flight += 1
                     fake.seen += 1
                     fake.most = max(fake.most, fake.in_flight)
                 fake.hold.wait()
-                time.sleep(fake.delay)
+                if fake.capacity:
+                    with fake.gate:
+                        time.sleep(fake.delay)
+                else:
+                    time.sleep(fake.delay)
                 with fake.lock:
                     fake.in_flight -= 1
                 if fake.dead.is_set():
@@ -189,6 +212,9 @@ class FakeVllm:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def run_at_most(self, capacity: int) -> None:
+        self.capacity, self.gate = capacity, threading.Semaphore(capacity)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -201,7 +227,7 @@ def server() -> Any:
     fake.close()
 
 
-def driver(fake: FakeVllm, tmp_path: Path, reqs: int | list[dict[str, Any]], concurrency: int = 8,
+def driver(fake: FakeVllm, tmp_path: Path, reqs: int | list[dict[str, Any]], concurrency: int | None = 8,
            stop: threading.Event | None = None, **kw: Any) -> Driver:
     items = [request(i, "/v1/chat/completions" if i % 3 == 0 else "/v1/completions")
              for i in range(reqs)] if isinstance(reqs, int) else reqs
@@ -520,3 +546,83 @@ def test_an_answer_with_a_lone_surrogate_is_written_as_valid_json(server: FakeVl
     progress = driver(server, tmp_path, [request(0, prompt="surrogate")]).run()
     [line] = results(tmp_path / "out.jsonl")
     assert progress.ok == 1 and line["response"]["body"]["choices"][0]["text"] == "half \ud800 a pair"
+
+
+
+# -- concurrency that tunes itself, shared prefixes together ------------------------------------------
+
+def test_auto_concurrency_settles_on_what_the_server_runs_plus_a_little_queue(server: FakeVllm,
+                                                                            tmp_path: Path) -> None:
+    """concurrency None (auto) against a server that runs 12 at a time (the rest wait, as /metrics
+    says): the driver starts at 64, falls to what runs plus a few waiting, and every request gets
+    one line; what it said of each change is in its log."""
+    server.delay = 0.05
+    server.run_at_most(12)
+    said: list[str] = []
+    d = driver(server, tmp_path, 400, concurrency=None, say=said.append)
+    d.last_sample = 0.0
+    progress = d.run()
+    assert progress.finished and progress.ok == 400
+    assert said[0].startswith("batch: concurrency auto: starting at 64, the server's load read from 1 "
+                              "/metrics"), said
+    assert said[1].startswith("batch: concurrency 64 -> 16 (running 12, waiting"), said
+    # 12 running + 4 waiting behind them (24 for a moment when requests still on their way made the
+    # queue look empty)
+    assert 16 <= d.limit.size <= 24, said
+    with done_ids(tmp_path / "out.jsonl") as done:
+        assert len(done) == 400
+
+
+def test_auto_concurrency_stays_put_when_the_metrics_cannot_be_read(server: FakeVllm,
+                                                                   tmp_path: Path) -> None:
+    said: list[str] = []
+    d = driver(server, tmp_path, 50, concurrency=None, say=said.append)
+    assert d.run().ok == 50 and d.limit.size == 64
+    assert said == ["batch: concurrency stays 64: the server's metrics cannot be read "
+                    f"(HTTPException: GET {server.url}/metrics: HTTP 404)"], said
+
+
+def prefixed(n_prefixes: int, per: int, seed: int = 7) -> list[dict[str, Any]]:
+    """N_PREFIXES long system prompts x PER short questions, shuffled."""
+    rng = random.Random(seed)
+    reqs = [{"custom_id": f"s{p}-q{q}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"max_tokens": 2, "messages": [
+                 {"role": "system", "content": f"system prompt {p}: " + "context " * 200},
+                 {"role": "user", "content": f"question {q}"}]}}
+            for p in range(n_prefixes) for q in range(per)]
+    rng.shuffle(reqs)
+    return reqs
+
+
+def switches(prompts: list[str]) -> int:
+    """How often the system prompt changes from one request to the next."""
+    heads = [p.split(":", 1)[0] for p in prompts]
+    return sum(a != b for a, b in pairwise(heads))
+
+
+def test_requests_sharing_a_prefix_are_sent_together_each_exactly_once(server: FakeVllm,
+                                                                      tmp_path: Path) -> None:
+    """40 system prompts x 25 questions, shuffled: with the window over the whole input the server
+    sees each system prompt's requests in one run (39 changes, against ~975 in input order); each
+    custom_id has one line; a stop halfway and a resume keep it so."""
+    reqs = prefixed(40, 25)
+    server.delay = 0.0
+    stop = threading.Event()
+
+    def stop_after_some(p: Any) -> None:
+        if p.done >= 300:
+            stop.set()
+
+    first = driver(server, tmp_path, reqs, concurrency=4, stop=stop, report=stop_after_some,
+                   report_every=0.0).run(drain=lambda: 10)
+    assert not first.finished
+    rest = driver(server, tmp_path, reqs, concurrency=4).run()
+    assert rest.finished and rest.done == 1000
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in lines) == sorted(r["custom_id"] for r in reqs)
+    # two runs, each grouped over what it sends: at most 2 x 39 changes (+1 where the runs meet)
+    assert switches(server.prompts) <= 2 * 39 + 1, switches(server.prompts)
+    server.prompts.clear()
+    (tmp_path / "out.jsonl").unlink()
+    driver(server, tmp_path, reqs, concurrency=4, window=0).run()
+    assert switches(server.prompts) > 900                       # input order: nearly every request

@@ -106,7 +106,7 @@ def test_a_batch_runs_to_its_end_with_a_line_for_every_request(testbed: dict[str
     custom_id once, refusals as lines with their status and error, a sample equal to the greedy
     reference, the job DONE by itself and the nodes idle."""
     requests = [chat(i) for i in range(120)] + [completion(i) for i in range(117)] + BAD
-    spec = batch_spec(job_dir, "batch-main", requests)
+    spec = batch_spec(job_dir, "batch-main", requests, **{"batch.concurrency": "auto"})  # the defaults
     out = cli("validate", str(spec))
     assert out.returncode == 0 and "ok: batch input" in out.stdout and "240 requests" in out.stdout, out
     t0 = time.monotonic()
@@ -131,6 +131,10 @@ def test_a_batch_runs_to_its_end_with_a_line_for_every_request(testbed: dict[str
     assert st["stage"] == "DONE" and st["batch"]["finished"] and st["batch"]["total"] == 240, st
     stages = [line.split()[1] for line in (Path(job["job_dir"]) / "stage.log").read_text().splitlines()]
     assert stages[-3:] == ["READY", "BATCH", "DONE"], stages
+    # concurrency auto read the server's own load over its Unix socket (vLLM's /metrics)
+    said = (Path(job["job_dir"]) / "logs" / "task-0.out").read_text()
+    assert "batch: concurrency auto: starting at 64, the server's load read from 1 /metrics" in said, said
+    assert "metrics cannot be read" not in said, said
     wait_released(job["job_id"])
     print(f"batch of 240 on TP2 x 2 nodes: {time.monotonic() - t0:.0f} s from submit to DONE; "
           f"{st['batch']['rate']} req/s while sending")

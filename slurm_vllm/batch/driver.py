@@ -1,5 +1,6 @@
 """The batch driver (rank 0, batch mode): stream the input to the job's own vLLM server with
-`concurrency` requests in flight, and append each result to the output as it completes.
+`concurrency` requests in flight (fixed, or tuned from the server's load: pace.py), those sharing a
+prompt prefix sent together (order.py), and append each result to the output as it completes.
 
 The input is read a line at a time and the output is appended a line at a time (flushed at once,
 fsynced every second), so a crash loses at most the requests in flight, and neither file is ever
@@ -9,10 +10,9 @@ line, whatever its status (a refusal is a line with its status and error); one t
 (the server went away) gets none, so it runs again on resume. On a stop (scancel, the time limit)
 the driver sends nothing more, waits up to `drain` seconds for the requests in flight, and ends.
 
-A 5xx is not an answer while it may pass: sent again (RETRY_5XX times, with back-off) and, while the
-job is stopping, not written at all (the dying server's requests run again on the next run). A 5xx
-that persists is written only once the rank's liveness check has passed after it (a dead engine fails
-the job first). An exception inside a request's worker fails the run at once, naming the request.
+A 5xx is not an answer while it may pass: sent again (RETRY_5XX times, with back-off); while the job
+stops, not written (it runs again next run); if it persists, written once the liveness check passed
+after it (a dead engine fails the job first). A worker's exception fails the run, naming the request.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from slurm_vllm.batch import order, pace
 from slurm_vllm.batch.merge import shard_of
 from slurm_vllm.batch.output import check_record, input_digest, open_output, result_line, write_record
-from slurm_vllm.batch.reader import check_request, done_ids, lines, repair_fd, request_id
+from slurm_vllm.batch.reader import done_ids, lines, repair_fd, request_id
 from slurm_vllm.core.errors import SlurmVllmError
 from slurm_vllm.core.records import BatchProgress
 from slurm_vllm.core.unixhttp import UnixHTTPConnection
@@ -46,12 +47,16 @@ class BatchError(SlurmVllmError):
 
 
 class Driver:
-    """One run of a batch against the server at URL (http://host:port)."""
+    """One run of a batch against the server at URL (http://host:port). CONCURRENCY None: tuned
+    from the load read at METRICS (URL by default; pace.py); WINDOW: requests read ahead and
+    sorted by prompt (order.py; <= 1: input order); SAY: a line for the job's log."""
 
     def __init__(self, url: str, api_key: str | None, input_path: Path, output_path: Path, served_name: str,
-                 concurrency: int, stop: threading.Event, check: Callable[[], None] = lambda: None,
+                 concurrency: int | None, stop: threading.Event, check: Callable[[], None] = lambda: None,
                  report: Callable[[BatchProgress], None] = lambda p: None, report_every: float = 2.0,
-                 shard: tuple[int, int] | None = None, also_done: tuple[Path, ...] = ()) -> None:
+                 shard: tuple[int, int] | None = None, also_done: tuple[Path, ...] = (),
+                 window: int = order.WINDOW, metrics: tuple[str, ...] | None = None,
+                 say: Callable[[str], None] = lambda line: None) -> None:
         self.socket_path = url.removeprefix("unix:") if url.startswith("unix:") else None   # vLLM's --uds
         parsed = urlparse(url)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
@@ -59,7 +64,10 @@ class Driver:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.input, self.output = input_path, output_path
-        self.served_name, self.concurrency = served_name, concurrency
+        self.served_name, self.auto, self.window = served_name, concurrency is None, window
+        self.last_sample = 0.0
+        self.limit = pace.Limit(concurrency or pace.START)
+        self.pacer = pace.Pacer(self.limit, (url,) if metrics is None else metrics, api_key, say)
         self.shard = shard                # (i, K): only the requests of shard i of K (a job array's task)
         self.also_done = also_done        # other outputs whose lines count as done (the merged output)
         self.stop, self.check, self.report, self.report_every = stop, check, report, report_every
@@ -122,22 +130,15 @@ class Driver:
         return self.shard is None or shard_of(custom_id, self.shard[1]) == self.shard[0]
 
     def _send_all(self, done: Any, drain: Callable[[], float]) -> None:
-        slots = threading.BoundedSemaphore(self.concurrency)
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="batch")
+        pool = ThreadPoolExecutor(pace.CEILING if self.auto else self.limit.size, thread_name_prefix="batch")
         try:
-            for number, raw in lines(self.input):
-                if not raw.strip():
-                    continue
-                req, problem = check_request(raw, self.served_name)
-                if req is None:          # validated at submit: the file changed since
-                    raise BatchError(f"batch.input: {self.input} line {number}: {problem}")
-                if not self.mine(req["custom_id"]) or req["custom_id"] in done:
-                    continue
-                if not self._slot(slots):
+            wanted = lambda cid: self.mine(cid) and cid not in done  # noqa: E731
+            for req in order.to_send(self.input, self.served_name, wanted, self.window, BatchError):
+                if not self._slot(self.limit):
                     break
                 with self.lock:
                     self.counts["in_flight"] += 1
-                pool.submit(self._one, req).add_done_callback(lambda _f: slots.release())
+                pool.submit(self._one, req).add_done_callback(lambda _f: self.limit.release())
             deadline = time.monotonic() + (drain() if self.stop.is_set() else REQUEST_TIMEOUT)
             while self.counts["in_flight"] and time.monotonic() < deadline:
                 self._tick(check=not self.stop.is_set())
@@ -147,8 +148,8 @@ class Driver:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _slot(self, slots: threading.BoundedSemaphore) -> bool:
-        """Wait for a free slot among CONCURRENCY; False when the run must stop sending (a stop, or
+    def _slot(self, slots: pace.Limit) -> bool:
+        """Wait for a free slot within the limit; False when the run must stop sending (a stop, or
         requests that got no answer: the server is going away)."""
         while True:
             self._tick()
@@ -179,6 +180,9 @@ class Driver:
         if now >= self.next_report:
             self.report(self.progress())
             self.next_report = now + self.report_every
+        if self.auto and now - self.last_sample >= pace.SAMPLE_EVERY:
+            self.last_sample = now
+            self.pacer.tick(self.counts["in_flight"])
 
     def progress(self, finished: bool | None = None) -> BatchProgress:
         c = self.counts

@@ -124,7 +124,8 @@ class BatchSpec:
 
     input: str | None = None
     output: str | None = None       # default <jobs_root>/<name>.results.jsonl: a re-submit resumes it
-    concurrency: int = 64           # requests in flight against the job's server
+    concurrency: int | Literal["auto"] = "auto"   # requests in flight (auto: from the server's load)
+    prefix_window: int = 10_000     # requests read ahead and sent sorted by prompt (0: input order)
     max_jobs: int = 1               # on the time limit, go on in up to this many runs (requeued)
     shards: int = 1                 # K > 1: a Slurm job array of K servers, each over 1/K of the input
 

@@ -244,12 +244,11 @@ def _check_batch(spec: JobSpec) -> None:
         value = getattr(b, key)
         if value is not None and not Path(value).expanduser().is_absolute():
             raise SpecError(f"batch.{key}: {_show(value)} must be an absolute path (or start with ~)")
-    if not 1 <= b.concurrency <= 4096:
-        raise SpecError(f"batch.concurrency: must be 1-4096, got {b.concurrency}")
-    if not 1 <= b.max_jobs <= 100:
-        raise SpecError(f"batch.max_jobs: must be 1-100, got {b.max_jobs}")
-    if not 1 <= b.shards <= 1000:
-        raise SpecError(f"batch.shards: must be 1-1000 (the job array's size), got {b.shards}")
+    limits = [("concurrency", 1, 4096, " or auto"), ("prefix_window", 0, 1_000_000, " (0: input order)"),
+              ("max_jobs", 1, 100, ""), ("shards", 1, 1000, " (the job array's size)")]
+    for key, low, high, what in limits[b.concurrency == "auto":]:
+        if not low <= getattr(b, key) <= high:
+            raise SpecError(f"batch.{key}: must be {low}-{high}{what}, got {getattr(b, key)}")
 
 
 def _check_directive(key: str) -> None:

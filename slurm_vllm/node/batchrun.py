@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from slurm_vllm.core.records import BatchProgress, Stage
 from slurm_vllm.node.rankenv import Stopped
 
 if TYPE_CHECKING:
+    from slurm_vllm.node.head import Head
     from slurm_vllm.node.rank import Rank
 
 BATCH_DRAIN = 50.0  # after SIGUSR2 (90 s before the limit), wait this long for the requests in flight
@@ -19,7 +21,7 @@ CANCEL_DRAIN = 5.0  # after a cancel: Slurm's KillWait (30 s by default) covers 
 STOP_RACE = 3.0     # scancel signals every process of the step at once: vLLM may go before the rank hears
 
 
-def run_batch(head: Rank, url: str, key: str | None) -> str:
+def run_batch(head: Head, url: str, key: str | None) -> str:
     """Batch mode: the driver sends the input to the private server; DONE when every request
     has its line, else a stop (cancel, time limit: see run()) with the counts. A shard (a task of
     the job array) sends its 1/K of the input to its part, then merges the parts it finds. Returns
@@ -48,9 +50,13 @@ def run_batch(head: Rank, url: str, key: str | None) -> str:
         head.check_alive()
         head.check_workers()
 
-    concurrency = b.concurrency * head.plan.replicas      # with replicas: as much in flight for each
+    # auto: tuned from the servers' own load (with replicas: each replica's, summed); a number: with
+    # replicas, as much in flight for each
+    concurrency = None if b.concurrency == "auto" else b.concurrency * head.plan.replicas
     driver = Driver(url, key, Path(b.input or ""), writes, head.plan.served_name, concurrency,
-                    head.stop, check=alive, report=report, shard=shard, also_done=also_done)
+                    head.stop, check=alive, report=report, shard=shard, also_done=also_done,
+                    window=b.prefix_window, metrics=head.metrics_urls(url),
+                    say=lambda line: print(line, file=sys.stderr, flush=True))
     try:
         progress = driver.run(drain=lambda: drain_time(head))
     except BatchError:

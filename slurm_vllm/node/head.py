@@ -89,6 +89,10 @@ class Head(Rank):
         router: replicas.py)."""
         return url, key
 
+    def metrics_urls(self, url: str) -> tuple[str, ...]:
+        """Where the batch driver reads the server's load: the server it sends to (URL)."""
+        return (url,)
+
     def door_port(self, ports: Ports) -> int:
         """The port of the door to this server's vLLM (the job's endpoint: the API port)."""
         return ports.api

@@ -225,6 +225,10 @@ class JobHead(Restarting):
                       self.plan.ready_timeout)
         return f"http://127.0.0.1:{ports.router}", key
 
+    def metrics_urls(self, url: str) -> tuple[str, ...]:
+        """Each replica's door (replicas.json): the router keeps vLLM's metrics to itself."""
+        return Replicas.read(replicas_file(self.jd)).urls
+
     def batch_target(self, url: str, ports: Ports, key: str | None) -> tuple[str, str | None]:
         """A batch over replicas goes through their router (batch.concurrency for each replica)."""
         return self.start_router(url, ports)
