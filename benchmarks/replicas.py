@@ -3,11 +3,13 @@
 1. Requests/s through the endpoint for R = 1 (one node) and R = 2 (two nodes; the same cores per
    replica): the same chat load (REQUESTS requests, max_tokens 16, CONCURRENCY clients) sent to each.
    On the test bed every node shares the host's CPUs, so the ratio says little about a cluster.
-2. What the balancer adds per request: with R = 2 up, a 1-token completion (POST /v1/completions,
-   max_tokens 1: the router passes it on, the shortest work vLLM does) sequentially over a
-   kept-alive connection, interleaved, through the endpoint (the job's door, the router, a
-   replica's door) and straight to a replica's door; the difference of the medians is the job's
-   door and the router.
+2. What the balancer adds per request, with R = 2 up, over one kept-alive connection, interleaved
+   in rounds of 50: through the endpoint (the job's door, the router, a replica's door) and
+   straight to the replicas' doors, alternating between the two as the router does (an engine
+   that idles between two requests answers slower than one fed without pause, so one door alone
+   is not the baseline). Two requests: a 1-token completion, and one vLLM refuses before its
+   engine (max_tokens over max_model_len: 400): the path alone. The difference of the medians is
+   the job's door and the router.
 
 Usage: eval "$(scripts/testbed env)"; python benchmarks/replicas.py [--requests 200] [--concurrency 16]
 """
@@ -52,21 +54,40 @@ def load(endpoint: dict[str, str], key: str, n: int, clients: int) -> float:
     return n / (time.monotonic() - t0)
 
 
-def latencies(url: str, key: str, model: str, n: int) -> list[float]:
-    u = urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=30)
-    body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1})
+def latencies(urls: list[str], key: str, body: dict[str, object], status: int, n: int) -> list[float]:
+    """N requests of BODY over one kept-alive connection to each of URLS, taking them in turn."""
+    conns = []
+    for url in urls:
+        u = urlparse(url)
+        conns.append(http.client.HTTPConnection(u.hostname or "", u.port, timeout=30))
+    data = json.dumps(body)
     out = []
-    for _ in range(n):
+    for i in range(n):
+        conn = conns[i % len(conns)]
         t0 = time.perf_counter()
-        conn.request("POST", "/v1/completions", body=body,
+        conn.request("POST", "/v1/completions", body=data,
                      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         resp = conn.getresponse()
         resp.read()
         out.append(time.perf_counter() - t0)
-        assert resp.status == 200, resp.status
-    conn.close()
+        assert resp.status == status, resp.status
+    for conn in conns:
+        conn.close()
     return out
+
+
+def compare(endpoint: dict[str, str], doors: list[str], key: str, body: dict[str, object], status: int,
+            probes: int, what: str) -> None:
+    through: list[float] = []
+    direct: list[float] = []
+    for _ in range(probes // 50):
+        through += latencies([endpoint["url"].removesuffix("/v1")], key, body, status, 50)
+        direct += latencies(doors, key, body, status, 50)
+    p50 = (statistics.median(through), statistics.median(direct))
+    p99 = (sorted(through)[int(0.99 * len(through))], sorted(direct)[int(0.99 * len(direct))])
+    print(f"{what} p50 / p99: through the endpoint {p50[0] * 1e3:.2f} / {p99[0] * 1e3:.2f} ms, straight "
+          f"to the replicas' doors in turn {p50[1] * 1e3:.2f} / {p99[1] * 1e3:.2f} ms: the job's door + "
+          f"the router add {(p50[0] - p50[1]) * 1e3:.2f} ms at p50", flush=True)
 
 
 def main() -> None:
@@ -88,18 +109,13 @@ def main() -> None:
                 print(f"R={r}: {rates[r]:.1f} req/s ({args.requests} chats, max_tokens 16, "
                       f"{args.concurrency} clients)", flush=True)
                 if r == 2:
-                    door = Replicas.read(Path(json.loads(cli("status", job, "--json").stdout)["job_dir"])
-                                         / "replicas.json").urls[1]
-                    through, direct = [], []
-                    for _ in range(args.probes // 50):               # interleaved in rounds of 50
-                        through += latencies(endpoint["url"].removesuffix("/v1"), key, endpoint["model"], 50)
-                        direct += latencies(door, key, endpoint["model"], 50)
-                    p50 = (statistics.median(through), statistics.median(direct))
-                    p99 = (sorted(through)[int(0.99 * len(through))], sorted(direct)[int(0.99 * len(direct))])
-                    print(f"1-token completion p50 / p99: through the endpoint {p50[0] * 1e3:.2f} / "
-                          f"{p99[0] * 1e3:.2f} ms, straight to a replica's door {p50[1] * 1e3:.2f} / "
-                          f"{p99[1] * 1e3:.2f} ms: the job's door + the router add "
-                          f"{(p50[0] - p50[1]) * 1e3:.2f} ms at p50", flush=True)
+                    doors = list(Replicas.read(Path(json.loads(cli("status", job, "--json").stdout)
+                                                    ["job_dir"]) / "replicas.json").urls)
+                    model = endpoint["model"]
+                    compare(endpoint, doors, key, {"model": model, "prompt": "x", "max_tokens": 1}, 200,
+                            args.probes, "1-token completion")
+                    compare(endpoint, doors, key, {"model": model, "prompt": "x", "max_tokens": 100000},
+                            400, args.probes, "refused before the engine (400)")
             finally:
                 subprocess.run([sys.executable, "-m", "slurm_vllm", "cancel", job], capture_output=True)
     print(f"R=2 / R=1: {rates[2] / rates[1]:.2f}x")

@@ -240,3 +240,33 @@ def test_with_authorization_replaces_every_authorization_header() -> None:
     head = b"POST /v1/x HTTP/1.1\r\nHost: h\r\nauthorization: Bearer a\r\nAUTHORIZATION: b\r\nX: 1\r\n\r\n"
     assert with_authorization(head, "k") == (b"POST /v1/x HTTP/1.1\r\nHost: h\r\nX: 1\r\n"
                                              b"Authorization: Bearer k\r\n\r\n")
+
+
+def test_a_server_that_goes_away_unanswered_or_is_not_there_gets_the_client_a_503(tmp_path: Path) -> None:
+    """vLLM killed while a request waits for its answer, or its socket gone (restarting): the
+    client gets 503 (the replicas' router sends that request to another replica; an OpenAI client
+    sends it again), not a closed connection."""
+    sock = tmp_path / "api.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.listen()
+
+    def swallow() -> None:                       # reads the request, then dies without a word
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.close()
+
+    threading.Thread(target=swallow, daemon=True).start()
+    d = FrontDoor("127.0.0.1", 0, str(sock), KEY)
+    d.start()
+    assert d.server is not None
+    d.port = d.server.sockets[0].getsockname()[1]
+    try:
+        status, body = request(d, "POST", "/v1/completions", key=KEY, body=b"{}")
+        assert status == 503 and b"went away before answering" in body
+        listener.close()
+        sock.unlink()
+        status, body = request(d, "POST", "/v1/completions", key=KEY, body=b"{}")
+        assert status == 503 and b"not answering" in body
+    finally:
+        d.stop()

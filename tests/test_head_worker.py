@@ -48,14 +48,16 @@ class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a): pass
     def address_string(self): return "unix"
-    def answer(self, body):
+    def answer(self, body, status=200):
         data = json.dumps(body).encode()
-        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_response(status); self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
     def do_GET(self):
         self.answer({} if self.path == "/health" else {"data": [{"id": model}]})
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("prompt") == "bad":
+            return self.answer({"error": {"message": "bad request", "code": 400}}, 400)
         self.answer({"choices": [{"text": "ok", "index": 0}], "model": body.get("model"),
                      "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -137,9 +139,9 @@ def get(ep: Endpoint, path: str, key: str | None) -> int:
     return status
 
 
-def post(ep: Endpoint, key: str) -> int:
+def post(ep: Endpoint, key: str, prompt: str = "x") -> int:
     conn = http.client.HTTPConnection(ep.host, ep.port, timeout=10)
-    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1})
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 1})
     conn.request("POST", "/v1/completions", body=body,
                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     status = conn.getresponse().status
@@ -379,6 +381,9 @@ def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tm
     assert router_call(router, "DELETE", "/workers/x", None) == 401
     assert router_call(router, "POST", "/flush_cache", None) == 401 and post(router, "not-the-key") == 401
     assert get(router, "/workers", key) == 200
+    # a client's bad requests are its own: 20 refusals in a row take no replica out of rotation
+    assert [post(ep, key, "bad") for _ in range(20)] == [400] * 20
+    assert [post(ep, key) for _ in range(4)] == [200] * 4
     # the job's own server dies: started again, 1/2 meanwhile
     server = next(c for c in head.children if c.name == "vllm")
     server.popen.kill()

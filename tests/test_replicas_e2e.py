@@ -165,9 +165,9 @@ def kill_one_replica_under_load(job: str, job_dir: Path, endpoint: dict[str, str
             time.sleep(0.3)
         for f in futures:
             f.result()
-    # Requests sent before the kill are retried elsewhere; one whose answer the killed server was
-    # generating can fail (seen: 1 in 1 of 4 runs); at most those in flight there (8 clients).
-    assert len(done) + len(failed) == LOAD and len(failed) <= 4, failed
+    # A request the killed server had not begun to answer (a non-streamed answer comes whole, at
+    # the end) gets 503 from its door, and the router sends it to the other replica: none fails.
+    assert len(done) == LOAD and not failed, failed
     while "(2/2 replicas" not in (st := status(job))["detail"]:
         seen_degraded |= "(1/2 replicas" in st["detail"]
         assert st["stage"] == "READY", st

@@ -36,9 +36,15 @@ def router_settings(port: int, metrics_port: int, key: str) -> dict[str, Any]:
         "prometheus_host": "127.0.0.1", "prometheus_port": metrics_port,
         "health_check_interval_secs": HEALTH_INTERVAL, "health_check_timeout_secs": 2,
         "health_failure_threshold": 2, "health_success_threshold": 1,
-        # A replica that failed requests is tried again 4 s later (not the router's 60 s): one that
-        # was started again is back in rotation as soon as it answers.
-        "cb_timeout_duration_secs": 2 * HEALTH_INTERVAL, "cb_success_threshold": 1,
+        # No circuit breaker: it counts a client's refused requests (4xx) as the replica's failures,
+        # so ten bad requests in a row took every replica out of rotation (503 for everyone; unit
+        # test). A dead replica is left by the health checks (2 failed, 2 s apart) and, meanwhile,
+        # a request that finds it gone is retried on another.
+        "disable_circuit_breaker": True,
+        # Until they do (2-4 s), round robin may pick the dead replica again for a retry: up to 10
+        # tries, at most 0.5 s apart (a dead replica's door answers 503 at once), so a request
+        # finds the live one (the router's 5 tries lost one request in two kills under load).
+        "retry_max_retries": 10, "retry_initial_backoff_ms": 50, "retry_max_backoff_ms": 500,
         "worker_startup_timeout_secs": 120, "worker_startup_check_interval": 1,
         "log_level": "info",
     }

@@ -19,6 +19,7 @@ import hmac
 import http.client
 import json
 import threading
+from typing import cast
 
 OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health")}
 MAX_HEAD = 64 << 10                      # a request's line and headers
@@ -81,6 +82,17 @@ def _answer(status: int, message: str) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
+class _Sink:
+    """Where a request's body goes when nothing will read it (read all the same: a socket closed
+    with unread input is reset, and the client would not see the answer)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+
 class FrontDoor:
     """The door at HOST:PORT to vLLM's socket UPSTREAM (or `tcp:HOST:PORT`: with replicas, the job's
     door to their router), letting in requests that carry KEY (every
@@ -127,6 +139,7 @@ class FrontDoor:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_writer: asyncio.StreamWriter | None = None
         pump: asyncio.Task[None] | None = None
+        waiting = [False]            # a request passed on, not a byte of its answer back yet
         try:
             while True:
                 try:
@@ -145,10 +158,17 @@ class FrontDoor:
                         await writer.drain()
                     break
                 if up_writer is None:
-                    up_reader, up_writer = await self._connect()
-                    pump = asyncio.create_task(self._pipe(up_reader, writer))
+                    try:
+                        up_reader, up_writer = await self._connect()
+                    except OSError:                          # not there (killed, restarting)
+                        await self._body(reader, cast(asyncio.StreamWriter, _Sink()), kind, length)
+                        writer.write(_answer(503, "the server is not answering: send the request again"))
+                        await writer.drain()
+                        break
+                    pump = asyncio.create_task(self._answers(up_reader, writer, waiting))
                 up_writer.write(head if self.upstream_key is None else
                                 with_authorization(head, self.upstream_key))
+                waiting[0] = True
                 if "upgrade" in headers:                     # a websocket: raw both ways from here
                     await self._pipe(reader, up_writer)
                     break
@@ -164,7 +184,11 @@ class FrontDoor:
                 writer.write(_answer(exc.status, str(exc)))
                 with contextlib.suppress(OSError):
                     await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+        except OSError:
+            if pump is not None and waiting[0]:      # the server went away mid-request: its 503
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(pump), 5)
+        except (asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
             if pump is not None:
@@ -208,6 +232,33 @@ class FrontDoor:
             out.write(data)
             n -= len(data)
             await out.drain()
+
+    @staticmethod
+    async def _answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       waiting: list[bool]) -> None:
+        """The server's answers to the client; if the server goes away with a request it has not
+        begun to answer (killed, restarting), a 503 instead of a closed connection: the replicas'
+        router sends it to another replica, an OpenAI client sends it again."""
+        try:
+            while True:
+                try:
+                    data = await reader.read(CHUNK)
+                except OSError:                      # reset (it died with our request unread): gone
+                    data = b""
+                if not data:
+                    break
+                waiting[0] = False
+                writer.write(data)
+                await writer.drain()
+            if waiting[0]:
+                writer.write(_answer(503, "the server went away before answering: send the request again"))
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                if writer.can_write_eof():
+                    writer.write_eof()
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
