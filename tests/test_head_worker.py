@@ -87,6 +87,12 @@ RANKS: list[Rank] = []
 def _teardown() -> Iterator[None]:
     FakeLauncher.ups.clear()
     yield
+    for r in RANKS:               # stopped first, as a signal does: a rank still serving must not
+        r.stop.set()              # start again what the teardown kills (a replica restarts its server)
+    for r in RANKS:
+        thread = getattr(r, "thread", None)
+        if thread is not None:
+            thread.join(15)
     while RANKS:
         RANKS.pop().teardown()
 

@@ -5,7 +5,10 @@ so that tensor parallel 2 and pipeline parallel 2 both divide it. Weights are dr
 seed and a large initializer range so that greedy decoding has wide top-1 margins: the greedy
 text is then identical across TP/PP/Ray layouts and a single process, a cheap correctness check.
 
-Usage: python build_tiny_model.py OUT_DIR
+`--bench`: a larger random Llama for benchmarks where prefill must cost something (the batch
+prefix benchmark): hidden 256, 4 layers, 8 heads, 2,048 positions (~4M parameters).
+
+Usage: python build_tiny_model.py OUT_DIR [--bench]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def corpus(lines: int) -> Iterator[str]:
         yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))) + "."
 
 
-def build_tokenizer(out: Path) -> None:
+def build_tokenizer(out: Path, max_length: int = 512) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,19 +53,22 @@ def build_tokenizer(out: Path) -> None:
     tok.train_from_iterator(corpus(4000), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="</s>", chat_template=CHAT_TEMPLATE, model_max_length=512,
+        pad_token="</s>", chat_template=CHAT_TEMPLATE, model_max_length=max_length,
     )
     fast.save_pretrained(out)
 
 
-def build_model(out: Path) -> None:
+def build_model(out: Path, bench: bool = False) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    shape = (dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8,
+                  max_position_embeddings=2048) if bench else
+             dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
+                  max_position_embeddings=512))
     config = LlamaConfig(
-        vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        vocab_size=1024, num_hidden_layers=4, **shape,  # type: ignore[arg-type]
         initializer_range=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         tie_word_embeddings=False, torch_dtype="float32",
     )
@@ -73,9 +79,10 @@ def build_model(out: Path) -> None:
 
 def main() -> None:
     out = Path(sys.argv[1])
+    bench = "--bench" in sys.argv[2:]
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
-    build_model(out)
+    build_tokenizer(out, 2048 if bench else 512)
+    build_model(out, bench)
     print(f"tiny model written to {out}")
 
 
