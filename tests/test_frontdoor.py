@@ -3,6 +3,7 @@ stream back. A real door on a loopback port before a real HTTP server on a Unix 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -186,54 +187,48 @@ def test_the_unix_connection_reaches_the_socket(door: tuple[FrontDoor, Upstream]
     assert json.loads(conn.getresponse().read())["path"] == "/v1/models"
 
 
-def test_a_tcp_upstream_gets_the_request_and_its_key(tmp_path: Path) -> None:
-    """With replicas the job's door faces the router on loopback (`tcp:HOST:PORT`): the request and
-    its Authorization header go through unchanged (the replicas' doors check it again)."""
-    class TcpUpstream(socketserver.ThreadingMixIn, socketserver.TCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        seen: list[tuple[str, str, bytes]]
+class TcpUpstream(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The stand-in upstream on TCP (the replicas' router)."""
 
+    daemon_threads = True
+    allow_reuse_address = True
+    seen: list[tuple[str, str, bytes]]
+
+
+@contextlib.contextmanager
+def tcp_door(key: str | None, upstream_key: str | None = None) -> Iterator[tuple[FrontDoor, TcpUpstream]]:
+    """A door on a free port in front of a TcpUpstream (`tcp:HOST:PORT`), stopped after."""
     up = TcpUpstream(("127.0.0.1", 0), handler())
     up.seen = []
     threading.Thread(target=up.serve_forever, daemon=True).start()
-    d = FrontDoor("127.0.0.1", 0, f"tcp:127.0.0.1:{up.server_address[1]}", KEY)
+    d = FrontDoor("127.0.0.1", 0, f"tcp:127.0.0.1:{up.server_address[1]}", key, upstream_key=upstream_key)
     d.start()
     assert d.server is not None
     d.port = d.server.sockets[0].getsockname()[1]
     try:
+        yield d, up
+    finally:
+        d.stop()
+        up.shutdown()
+        up.server_close()
+
+
+def test_a_tcp_upstream_gets_the_request_and_its_key() -> None:
+    """With replicas the job's door faces the router on loopback (`tcp:HOST:PORT`): the request and
+    its Authorization header go through unchanged (the replicas' doors check it again)."""
+    with tcp_door(KEY) as (d, up):
         status, body = request(d, "GET", "/v1/models", key=KEY)
         assert status == 200 and json.loads(body) == {"path": "/v1/models", "auth": f"Bearer {KEY}"}
         assert request(d, "GET", "/v1/models")[0] == 401 and len(up.seen) == 1
-    finally:
-        d.stop()
-        up.shutdown()
-        up.server_close()
 
 
-def test_with_an_upstream_key_every_request_carries_it_and_nothing_else(tmp_path: Path) -> None:
+def test_with_an_upstream_key_every_request_carries_it_and_nothing_else() -> None:
     """A job without an API key in front of the router (which always checks one): the door lets
     every request in and replaces whatever Authorization the client sent by the router's key."""
-    class TcpUpstream(socketserver.ThreadingMixIn, socketserver.TCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        seen: list[tuple[str, str, bytes]]
-
-    up = TcpUpstream(("127.0.0.1", 0), handler())
-    up.seen = []
-    threading.Thread(target=up.serve_forever, daemon=True).start()
-    d = FrontDoor("127.0.0.1", 0, f"tcp:127.0.0.1:{up.server_address[1]}", None, upstream_key="inner")
-    d.start()
-    assert d.server is not None
-    d.port = d.server.sockets[0].getsockname()[1]
-    try:
+    with tcp_door(None, upstream_key="inner") as (d, _up):
         for given in (None, "forged"):
             status, body = request(d, "GET", "/v1/models", key=given)
             assert status == 200 and json.loads(body) == {"path": "/v1/models", "auth": "Bearer inner"}
-    finally:
-        d.stop()
-        up.shutdown()
-        up.server_close()
 
 
 def test_with_authorization_replaces_every_authorization_header() -> None:

@@ -347,32 +347,44 @@ def test_only_failed_probes_make_a_peer_gone_not_a_prober_that_did_not_run() -> 
     assert [p.name for p in watch.gone()] == ["b"]
 
 
-def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tmp_path: Path) -> None:
-    """R=2 (1 node each) with the fake server: the job's head and replica 1's head run here, the real
-    sglang-router and doors between them. READY says 2/2; the job's own server killed is started again
-    (1/2 meanwhile); replica 1 that cannot come back ends alone and READY says so while the job's
-    server goes on serving; when that one cannot come back either, no replica can serve: the job fails."""
+def two_replicas(tmp_path: Path, api_key: bool) -> tuple[JobDir, Any, Any, list[BaseException],
+                                                            list[BaseException]]:
+    """R=2 (1 node each) with the fake server, both heads running here: (job folder, the job's head,
+    replica 1's head, what each raised), READY 2/2."""
     from slurm_vllm.core.replicadir import ReplicaDir
     from slurm_vllm.node import replicas
 
     data = {"name": "j", "model": {"path": "/m", "served_name": "tiny"},
             "slurm": {"nodes": 2, "gpus_per_node": 1}, "parallelism": {"data": 2},
-            "container": {"runtime": "none"}, "network": {"interface": "lo"}}
+            "container": {"runtime": "none"}, "network": {"interface": "lo"},
+            "vllm": {"api_key": "auto" if api_key else "none"}}
     plan = Plan(name="j", nodes=2, gpus_per_node=1, tp=1, pp=1, served_name="tiny", model_path="/m",
-                vllm_args=(), gcs_port=None, api_port=None, ready_timeout=60, api_key=True, replicas=2)
+                vllm_args=(), gcs_port=None, api_port=None, ready_timeout=60, api_key=api_key, replicas=2)
     jd = JobDir(tmp_path / "j-1")
-    jd.create(yaml.safe_dump(data), plan.to_json(), api_key=True)
+    jd.create(yaml.safe_dump(data), plan.to_json(), api_key=api_key)
     host = socket.gethostname()
     head = replicas.JobHead(jd, JobEnv(rank=0, job_id=5150, hosts=(host,), cpus=1, gpus=()),
                             launcher=FakeLauncher())
-    r1 = ReplicaDir(jd.path, 1, 1).verified()
-    other = replicas.ReplicaHead(r1, JobEnv(rank=0, job_id=5151, hosts=(host,), cpus=1, gpus=()),
+    other = replicas.ReplicaHead(ReplicaDir(jd.path, 1, 1).verified(),
+                                 JobEnv(rank=0, job_id=5151, hosts=(host,), cpus=1, gpus=()),
                                  launcher=FakeLauncher())
     RANKS.extend([other, head])
     raised, raised1 = start(head), start(other)
-    detail = lambda: jd.read_stage().detail  # noqa: E731
-    wait("READY 2/2", lambda: "(2/2 replicas)" in detail() or raised or raised1)
+    wait("READY 2/2", lambda: "(2/2 replicas)" in jd.read_stage().detail or raised or raised1)
     assert not raised and not raised1, (raised, raised1)
+    return jd, head, other, raised, raised1
+
+
+def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tmp_path: Path) -> None:
+    """R=2 (1 node each) with the fake server: the job's head and replica 1's head run here, the real
+    sglang-router and doors between them. READY says 2/2; the job's own server killed is started again
+    (1/2 meanwhile); replica 1 that cannot come back ends alone and READY says so while the job's
+    server goes on serving; when that one cannot come back either, no replica can serve: the job fails."""
+    from slurm_vllm.node import replicas
+
+    jd, head, other, raised, raised1 = two_replicas(tmp_path, api_key=True)
+    r1 = other.jd
+    detail = lambda: jd.read_stage().detail  # noqa: E731
     ep = Endpoint.read(jd.endpoint)
     key = jd.api_key.read_text().strip()
     assert get(ep, "/v1/models", None) == 401 and get(ep, "/v1/models", key) == 200
@@ -417,26 +429,7 @@ def test_replicas_behind_the_router_restart_and_the_job_serves_while_one_does(tm
 def test_replicas_of_a_job_without_a_key_still_have_a_router_only_the_door_can_use(tmp_path: Path) -> None:
     """vllm.api_key: none with R=2: the endpoint answers without a key, as the user chose, but the
     router on loopback still refuses a stranger (its own key, 0600, which the job's door adds)."""
-    from slurm_vllm.core.replicadir import ReplicaDir
-    from slurm_vllm.node import replicas
-
-    data = {"name": "j", "model": {"path": "/m", "served_name": "tiny"},
-            "slurm": {"nodes": 2, "gpus_per_node": 1}, "parallelism": {"data": 2},
-            "container": {"runtime": "none"}, "network": {"interface": "lo"}, "vllm": {"api_key": "none"}}
-    plan = Plan(name="j", nodes=2, gpus_per_node=1, tp=1, pp=1, served_name="tiny", model_path="/m",
-                vllm_args=(), gcs_port=None, api_port=None, ready_timeout=60, api_key=False, replicas=2)
-    jd = JobDir(tmp_path / "j-1")
-    jd.create(yaml.safe_dump(data), plan.to_json(), api_key=False)
-    host = socket.gethostname()
-    head = replicas.JobHead(jd, JobEnv(rank=0, job_id=6160, hosts=(host,), cpus=1, gpus=()),
-                            launcher=FakeLauncher())
-    other = replicas.ReplicaHead(ReplicaDir(jd.path, 1, 1).verified(),
-                                 JobEnv(rank=0, job_id=6161, hosts=(host,), cpus=1, gpus=()),
-                                 launcher=FakeLauncher())
-    RANKS.extend([other, head])
-    raised, raised1 = start(head), start(other)
-    wait("READY 2/2", lambda: "(2/2 replicas)" in jd.read_stage().detail or raised or raised1)
-    assert not raised and not raised1, (raised, raised1)
+    jd, head, _other, _raised, _raised1 = two_replicas(tmp_path, api_key=False)
     ep = Endpoint.read(jd.endpoint)
     assert ep.api_key_file is None and not jd.api_key.exists()
     assert [post(ep, "anything") for _ in range(4)] == [200] * 4

@@ -165,7 +165,7 @@ class FrontDoor:
                         writer.write(_answer(503, "the server is not answering: send the request again"))
                         await writer.drain()
                         break
-                    pump = asyncio.create_task(self._answers(up_reader, writer, waiting))
+                    pump = asyncio.create_task(self._pipe(up_reader, writer, waiting))
                 up_writer.write(head if self.upstream_key is None else
                                 with_authorization(head, self.upstream_key))
                 waiting[0] = True
@@ -234,11 +234,12 @@ class FrontDoor:
             await out.drain()
 
     @staticmethod
-    async def _answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       waiting: list[bool]) -> None:
-        """The server's answers to the client; if the server goes away with a request it has not
-        begun to answer (killed, restarting), a 503 instead of a closed connection: the replicas'
-        router sends it to another replica, an OpenAI client sends it again."""
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    waiting: list[bool] | None = None) -> None:
+        """READER's bytes to WRITER until either ends. WAITING (the server's answers to the client):
+        if the server goes away with a request it has not begun to answer (killed, restarting), a
+        503 instead of a closed connection: the replicas' router sends it to another replica, an
+        OpenAI client sends it again."""
         try:
             while True:
                 try:
@@ -247,24 +248,12 @@ class FrontDoor:
                     data = b""
                 if not data:
                     break
-                waiting[0] = False
+                if waiting:
+                    waiting[0] = False
                 writer.write(data)
                 await writer.drain()
-            if waiting[0]:
+            if waiting and waiting[0]:
                 writer.write(_answer(503, "the server went away before answering: send the request again"))
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                if writer.can_write_eof():
-                    writer.write_eof()
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(CHUNK):
-                writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
             pass
