@@ -230,7 +230,7 @@ class JobHead(Restarting):
         return Replicas.read(replicas_file(self.jd)).urls
 
     def batch_target(self, url: str, ports: Ports, key: str | None) -> tuple[str, str | None]:
-        """A batch over replicas goes through their router (batch.concurrency for each replica)."""
+        """A batch over replicas goes through their router (a fixed batch.concurrency: for each)."""
         return self.start_router(url, ports)
 
     def publish(self, url: str, ident: Identity, ports: Ports, key: str | None) -> None:
