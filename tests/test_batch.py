@@ -554,15 +554,15 @@ def test_an_answer_with_a_lone_surrogate_is_written_as_valid_json(server: FakeVl
 def test_auto_concurrency_settles_on_what_the_server_runs_plus_a_little_queue(server: FakeVllm,
                                                                             tmp_path: Path) -> None:
     """concurrency None (auto) against a server that runs 12 at a time (the rest wait, as /metrics
-    says): the driver starts at 64, falls to what runs plus a few waiting, and every request gets
-    one line; what it said of each change is in its log."""
+    says): the driver starts at 64, falls to what runs plus a few waiting once two readings a second
+    apart saw the queue, and every request gets one line; what it said of each change is in its log."""
     server.delay = 0.05
     server.run_at_most(12)
     said: list[str] = []
-    d = driver(server, tmp_path, 400, concurrency=None, say=said.append)
+    d = driver(server, tmp_path, 800, concurrency=None, say=said.append)     # 240 a second: ~3.3 s
     d.last_sample = 0.0
     progress = d.run()
-    assert progress.finished and progress.ok == 400
+    assert progress.finished and progress.ok == 800
     assert said[0].startswith("batch: concurrency auto: starting at 64, the server's load read from 1 "
                               "/metrics"), said
     assert said[1].startswith("batch: concurrency 64 -> 16 (running 12, waiting"), said
@@ -570,7 +570,7 @@ def test_auto_concurrency_settles_on_what_the_server_runs_plus_a_little_queue(se
     # queue look empty)
     assert 16 <= d.limit.size <= 24, said
     with done_ids(tmp_path / "out.jsonl") as done:
-        assert len(done) == 400
+        assert len(done) == 800
 
 
 def test_auto_concurrency_stays_put_when_the_metrics_cannot_be_read(server: FakeVllm,

@@ -54,6 +54,11 @@ def test_model_config_checks_heads_and_layers() -> None:
 def test_vllm_flags_and_managed_keys() -> None:
     assert plan.vllm_flags({"max_model_len": 256, "enforce_eager": True, "trust_remote_code": False}) == (
         "--max-model-len", "256", "--enforce-eager")
+    # a batch's API server logs no line per request, unless the spec says otherwise
+    assert plan.vllm_flags({"max-model-len": 256}, "batch") == (
+        "--disable-uvicorn-access-log", "--max-model-len", "256")
+    assert plan.vllm_flags({"disable-uvicorn-access-log": False}, "batch") == ()
+    assert plan.vllm_flags({"disable_uvicorn_access_log": True}, "batch") == ("--disable-uvicorn-access-log",)
     for key in ("tensor_parallel_size", "api_key", "port", "host"):     # refused at load, by spec
         with pytest.raises(SpecError, match=f"vllm.args.{key}: set by slurm_vllm"):
             spec.parse({"name": "t", "model": {"path": "/m"}, "vllm": {"args": {key: 1}}})

@@ -6,14 +6,21 @@ Prometheus metrics (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
 always has work queued behind what runs (a few waiting requests: HEADROOM of what runs) without a
 queue that only grows:
 
+- requests wait beyond twice the headroom in two readings in a row, what runs did not rise between
+  them, and the engine is full: its KV cache (KV_FULL: longer requests, fewer fit; what runs now is
+  its capacity) or its batch (what runs is near the most that ran at the last PEAK_OF readings,
+  which is its capacity: what runs swings by a quarter as requests finish together and the next
+  ones are taken in): the limit falls to that capacity plus the headroom. Otherwise a queue is a
+  burst being taken in (prefills have a token budget per step): the engine has room, it stays;
 - the server runs nearly all it gets (under half the headroom waiting) while the driver has the
-  limit in flight: it could take more: the limit grows by half;
-- requests wait beyond the headroom (the engine's batch is full, or its KV cache is: longer
-  requests, fewer fit): the limit falls to what runs plus the headroom;
+  limit in flight: it could take more: the limit grows by half, unless the engine is at the
+  capacity learned (what runs is not clearly above it: the requests between the engine and the
+  driver, and those finishing, leave a few slots empty at any reading; growing there only built a
+  queue to cut again, an oscillation);
 - otherwise it stays.
 
-The limit never drops below what runs, stays within [FLOOR, CEILING], and starts at START. When the
-metrics cannot be read the limit stays where it is (the driver says so once).
+The limit stays within [FLOOR, CEILING] and starts at START. When the metrics cannot be read the
+limit stays where it is (the driver says so once).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import http.client
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlparse
 
 from slurm_vllm.core.unixhttp import UnixHTTPConnection
@@ -31,6 +38,9 @@ START = 64
 FLOOR = 8
 CEILING = 4096
 SAMPLE_EVERY = 1.0
+GROWN = 1.1           # what runs above this x the capacity learned: the engine has room again
+KV_FULL = 0.9         # the KV cache this full: no more fit (what runs is the capacity)
+PEAK_OF = 5           # the capacity at a plateau: the most that ran at this many last readings
 
 _METRIC = re.compile(r"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:kv_cache_usage_perc)"
                      r"(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
@@ -70,19 +80,41 @@ def parse_metrics(texts: list[str]) -> Load | None:
 
 def headroom(running: float) -> int:
     """How many requests should wait behind RUNNING ones, ready when one finishes."""
-    return max(4, int(running) // 8)
+    return max(4, int(running) // 4)
 
 
-def decide(limit: int, in_flight: int, load: Load) -> int:
-    """The next limit, from the current LIMIT, the driver's IN_FLIGHT and the server's LOAD."""
-    room = headroom(load.running)
+@dataclass(frozen=True)
+class State:
+    """The controller's state between two readings: the LIMIT; the engine's CAPACITY learned from
+    a standing queue (0: not known, or outgrown); RUNNING at the last reading if a queue stood then
+    (None: no queue); what ran at the last PEAK_OF readings (RECENT)."""
+
+    limit: int
+    capacity: int = 0
+    queued_running: float | None = None
+    recent: tuple[float, ...] = ()
+
+
+def decide(state: State, in_flight: int, load: Load) -> State:
+    """The next state, from the current STATE, the driver's IN_FLIGHT and the server's LOAD."""
+    state = replace(state, recent=(*state.recent, load.running)[-PEAK_OF:])
+    limit, room = state.limit, headroom(load.running)
     if load.waiting > 2 * room:                                   # a queue beyond what keeps it busy
-        new = int(load.running) + room
-    elif 2 * load.waiting < room and in_flight >= 0.9 * limit and load.kv_usage < 0.95:
-        new = limit + max(limit // 2, FLOOR)                      # it takes all it gets: more
-    else:
-        new = limit
-    return max(FLOOR, min(CEILING, new))
+        before = state.queued_running                             # None: no queue at the last reading
+        kv_full, plateau = load.kv_usage >= KV_FULL, load.running >= 0.9 * max(state.recent)
+        if before is None or load.running > GROWN * before or not (kv_full or plateau):
+            return replace(state, queued_running=load.running)    # once, rising, or a burst taken in
+        capacity = int(max(load.running, before) if kv_full else max(state.recent))
+        return State(_bounded(capacity + headroom(capacity)), capacity, load.running, state.recent)
+    state = replace(state, queued_running=None)
+    outgrown = not state.capacity or load.running > GROWN * state.capacity
+    if 2 * load.waiting < room and in_flight >= 0.9 * limit and load.kv_usage < KV_FULL and outgrown:
+        return State(_bounded(limit + max(limit // 2, FLOOR)), recent=state.recent)  # it takes all: more
+    return state
+
+
+def _bounded(limit: int) -> int:
+    return max(FLOOR, min(CEILING, limit))
 
 
 class Limit:
@@ -124,6 +156,7 @@ class Pacer:
         self.limit, self.metrics, self.key, self.say = limit, metrics, key, say
         self.read_once = False            # the first reading (said once)
         self.unread = False               # the metrics could not be read (said once)
+        self.state = State(limit.size)
 
     def tick(self, in_flight: int) -> None:
         texts = []
@@ -142,7 +175,8 @@ class Pacer:
             self.read_once = True
             self.say(f"batch: concurrency auto: starting at {size}, the server's load read from "
                      f"{len(self.metrics)} /metrics (running {load.running:.0f}, waiting {load.waiting:.0f})")
-        new = decide(size, in_flight, load)
+        self.state = decide(replace(self.state, limit=size), in_flight, load)
+        new = self.state.limit
         if new != size:
             self.limit.resize(new)
             self.say(f"batch: concurrency {size} -> {new} (running {load.running:.0f}, waiting "
