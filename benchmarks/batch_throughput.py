@@ -7,6 +7,8 @@ same kind of node, run twice (1 request, then all): its steady rate is (N - 1) /
 start-up T_1. Usage (test bed up, `eval "$(scripts/testbed env)"`):
     $SLURM_VLLM_TEST_VENV/bin/python benchmarks/batch_throughput.py [--requests 1000] \
         [--concurrency 16 64 256]
+Issue 22's comparison (run-batch, fixed 64 in input order, the defaults; inputs (a) and (b)):
+    $SLURM_VLLM_TEST_VENV/bin/python benchmarks/batch_throughput.py --side-by-side [--rounds 2]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +104,12 @@ def main() -> int:
     parser.add_argument("--per-prefix", type=int, default=15, help="(b): questions per system prompt")
     parser.add_argument("--prefix-words", type=int, default=1000, help="(b): words per system prompt")
     parser.add_argument("--kv-blocks", type=int, default=40, help="(b): KV cache blocks (128 tokens)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="side by side: run the three tools this many times, the order turned each "
+                             "round (the host's speed drifts); the median is the result")
+    parser.add_argument("--inputs", default="ab", help="side by side: which inputs (a, b or ab)")
+    parser.add_argument("--with-mp", action="store_true",
+                        help="side by side: a fourth row, the defaults with backend mp (no Ray)")
     args = parser.parse_args()
     if args.side_by_side:
         return side_by_side(args)
@@ -166,10 +175,11 @@ def watch_first_line(path: Path, seen: dict[str, float], stop: threading.Event) 
 
 
 def ours_side(folder: Path, model: Path, tag: str, inp: Path, batch: dict[str, object],
-              vllm_args: dict[str, object]) -> dict[str, float]:
-    """One slurm_vllm batch job (1 node, TP1): start-up, steady req/s and output tokens/s (the
-    driver's), first and last result in seconds after sending began."""
+              vllm_args: dict[str, object], backend: str = "ray") -> dict[str, float]:
+    """One slurm_vllm batch job (1 node, TP1, BACKEND): start-up, steady req/s and output tokens/s
+    (the driver's), first and last result in seconds after sending began."""
     data = yaml.safe_load((ROOT / "tests" / "configs" / "test-batch-tp2.yaml").read_text())
+    data["backend"] = backend
     data["name"] = f"side-{tag}"
     data["model"]["path"] = str(model)
     data["slurm"].update(nodes=1)
@@ -247,24 +257,33 @@ def side_by_side(args: argparse.Namespace) -> int:
                     {"num_gpu_blocks_override": args.kv_blocks})}
     rows = []
     for name, (reqs, vllm_args) in inputs.items():
+        if name not in args.inputs:
+            continue
         inp = folder / f"input-{name}.jsonl"
         inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
         n = len(reqs)
-        tools: list[tuple[str, dict[str, object] | None]] = [
-            ("vllm run-batch", None),
-            ("slurm_vllm concurrency 64, input order", {"concurrency": 64, "prefix_window": 0}),
-            ("slurm_vllm defaults (auto, prefix window)", {})]
-        for tool, batch in tools:
-            tag = f"{name}-{'auto' if batch == {} else 64}"
-            r = (theirs_side(folder, model, name, inp, n, vllm_args) if batch is None else
-                 ours_side(folder, model, tag, inp, batch, vllm_args))
-            rows.append((name, tool, r))
-            print(f"({name}) {tool:42} start-up {r['startup']:5.1f} s  {r['rate']:6.1f} req/s  "
-                  f"{r['tokens']:7.1f} out tok/s  first {r['first']:6.1f} s  last {r['last']:6.1f} s"
-                  + (f"  ({r['changes']:.0f} concurrency changes)" if r["changes"] else ""), flush=True)
-        base = next(r["rate"] for i, t, r in rows if i == name and t == "vllm run-batch")
-        new = next(r["rate"] for i, t, r in rows if i == name and t.startswith("slurm_vllm defaults"))
-        print(f"({name}) slurm_vllm defaults / vllm run-batch: {new / base:.2f}x", flush=True)
+        tools: list[tuple[str, dict[str, object] | None, str]] = [
+            ("vllm run-batch", None, ""),
+            ("slurm_vllm concurrency 64, input order", {"concurrency": 64, "prefix_window": 0}, "ray"),
+            ("slurm_vllm defaults (auto, prefix window)", {}, "ray")]
+        if args.with_mp:
+            tools.append(("slurm_vllm defaults, backend mp", {}, "mp"))
+        for round_ in range(args.rounds):
+            for tool, batch, backend in tools if round_ % 2 == 0 else tools[::-1]:
+                tag = f"{name}-{'auto' if batch == {} else 64}-{backend}"
+                r = (theirs_side(folder, model, name, inp, n, vllm_args) if batch is None else
+                     ours_side(folder, model, tag, inp, batch, vllm_args, backend))
+                rows.append((name, tool, r))
+                print(f"({name}) round {round_ + 1} {tool:42} start-up {r['startup']:5.1f} s  "
+                      f"{r['rate']:6.1f} req/s  {r['tokens']:7.1f} out tok/s  first {r['first']:6.1f} s  "
+                      f"last {r['last']:6.1f} s" + (f"  ({r['changes']:.0f} concurrency lines)"
+                                                    if r["changes"] else ""), flush=True)
+        median = {tool: statistics.median(r["rate"] for i, t, r in rows if i == name and t == tool)
+                  for tool, _, _ in tools}
+        for tool, _, _ in tools:
+            print(f"({name}) median of {args.rounds}: {tool:42} {median[tool]:6.1f} req/s", flush=True)
+        for tool, _, _ in tools[1:]:
+            print(f"({name}) {tool} / vllm run-batch: {median[tool] / median[tools[0][0]]:.2f}x", flush=True)
     print(f"files in {folder}")
     return 0
 
