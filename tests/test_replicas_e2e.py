@@ -193,7 +193,8 @@ def test_a_batch_over_three_replicas_goes_through_their_router_and_ends_done(tes
                                                                             job_dir: Path) -> None:
     """mode batch with R=3 on 3 nodes: the job's head sends the input through the router (its
     concurrency for each replica); every custom_id once, each server answered a share (its own access
-    log), DONE by itself and nothing left on the nodes."""
+    log: a batch turns it off unless vllm.args says, as this spec does), DONE by itself and nothing
+    left on the nodes."""
     from .test_batch_e2e import chat as chat_request
     from .test_batch_e2e import results
     from .test_failures_e2e import submit, wait_released
@@ -202,7 +203,8 @@ def test_a_batch_over_three_replicas_goes_through_their_router_and_ends_done(tes
     (job_dir / "input.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     spec = derive(job_dir, "test-none-replicas2.yaml", "replicas-batch", mode="batch",
                   **{"parallelism.data": 3, "slurm.nodes": 3, "batch.input": str(job_dir / "input.jsonl"),
-                     "batch.output": str(job_dir / "results.jsonl"), "batch.concurrency": 8})
+                     "batch.output": str(job_dir / "results.jsonl"), "batch.concurrency": 8,
+                     "vllm.args.disable_uvicorn_access_log": False})
     job = submit(spec, wait=True)
     st = status(job["job_id"])
     assert st["stage"] == "DONE" and st["batch"]["total"] == 120, st
