@@ -108,8 +108,9 @@ def main() -> int:
                         help="side by side: run the three tools this many times, the order turned each "
                              "round (the host's speed drifts); the median is the result")
     parser.add_argument("--inputs", default="ab", help="side by side: which inputs (a, b or ab)")
-    parser.add_argument("--with-mp", action="store_true",
-                        help="side by side: a fourth row, the defaults with backend mp (no Ray)")
+    parser.add_argument("--with-ray", action="store_true",
+                        help="side by side: a fourth row, the defaults but backend ray (Ray's executor on "
+                             "one node, the default before backend auto)")
     args = parser.parse_args()
     if args.side_by_side:
         return side_by_side(args)
@@ -175,11 +176,14 @@ def watch_first_line(path: Path, seen: dict[str, float], stop: threading.Event) 
 
 
 def ours_side(folder: Path, model: Path, tag: str, inp: Path, batch: dict[str, object],
-              vllm_args: dict[str, object], backend: str = "ray") -> dict[str, float]:
-    """One slurm_vllm batch job (1 node, TP1, BACKEND): start-up, steady req/s and output tokens/s
-    (the driver's), first and last result in seconds after sending began."""
+              vllm_args: dict[str, object], backend: str = "auto") -> dict[str, float]:
+    """One slurm_vllm batch job (1 node, TP1, BACKEND; auto: no backend key, the default): start-up,
+    steady req/s and output tokens/s (the driver's), first and last result in seconds after sending
+    began."""
     data = yaml.safe_load((ROOT / "tests" / "configs" / "test-batch-tp2.yaml").read_text())
-    data["backend"] = backend
+    data.pop("backend", None)
+    if backend != "auto":
+        data["backend"] = backend
     data["name"] = f"side-{tag}"
     data["model"]["path"] = str(model)
     data["slurm"].update(nodes=1)
@@ -264,10 +268,11 @@ def side_by_side(args: argparse.Namespace) -> int:
         n = len(reqs)
         tools: list[tuple[str, dict[str, object] | None, str]] = [
             ("vllm run-batch", None, ""),
-            ("slurm_vllm concurrency 64, input order", {"concurrency": 64, "prefix_window": 0}, "ray"),
-            ("slurm_vllm defaults (auto, prefix window)", {}, "ray")]
-        if args.with_mp:
-            tools.append(("slurm_vllm defaults, backend mp", {}, "mp"))
+            ("slurm_vllm old defaults (64, input order, ray)",
+             {"concurrency": 64, "prefix_window": 0}, "ray"),
+            ("slurm_vllm defaults (no batch or backend key)", {}, "auto")]
+        if args.with_ray:
+            tools.append(("slurm_vllm defaults but backend ray", {}, "ray"))
         for round_ in range(args.rounds):
             for tool, batch, backend in tools if round_ % 2 == 0 else tools[::-1]:
                 tag = f"{name}-{'auto' if batch == {} else 64}-{backend}"

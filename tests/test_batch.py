@@ -129,6 +129,13 @@ def test_repair_cuts_only_a_half_written_last_line(tmp_path: Path) -> None:
 
 # -- the driver against a real HTTP server --------------------------------------------------------
 
+class Listener(ThreadingHTTPServer):
+    """vLLM's server (uvicorn) listens with a backlog of 2048; socketserver's default of 5 drops or
+    resets the connections of a driver that opens 64 at once when the host is loaded."""
+
+    request_queue_size = 2048
+
+
 class FakeVllm:
     """A threaded HTTP server answering /v1/completions and /v1/chat/completions like vLLM: 200
     with usage; 400 for prompts holding "bad"; counts the most requests ever in flight."""
@@ -207,7 +214,7 @@ class FakeVllm:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = Listener(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

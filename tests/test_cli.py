@@ -112,6 +112,10 @@ def test_every_config_validates(path: Path, tmp_path: Path) -> None:
     out = cli("validate", str(path), env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok: ")
+    # the backend it runs, and whether auto chose it (vLLM's own within one node, Ray across nodes)
+    per_server = data["slurm"]["nodes"] // data.get("parallelism", {}).get("data", 1)
+    chosen = data.get("backend") or ("mp" if per_server == 1 else "ray")
+    assert f", backend {chosen}{'' if 'backend' in data else ' (auto)'}; " in out.stdout, out.stdout
 
 
 def test_a_multi_node_spec_says_what_other_users_can_see(tmp_path: Path) -> None:

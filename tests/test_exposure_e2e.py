@@ -85,19 +85,16 @@ def test_what_a_stranger_on_the_network_reaches_of_a_two_node_job(backend: str, 
                for r in leaking), leaking
 
 
-@pytest.mark.parametrize("backend", ["ray", "mp"])
-def test_what_a_stranger_on_the_network_reaches_of_a_one_node_job(backend: str, testbed: dict[str, str],
+def test_what_a_stranger_on_the_network_reaches_of_a_one_node_job(testbed: dict[str, str],
                                                                   tmp_path: Path) -> None:
-    """Nothing of the prompts leaves the node with either backend. What still listens on the node's
-    address (the README's table): with Ray, Ray's own servers (GCS, raylet, its workers: Ray binds them
-    to every interface whatever --node-ip-address says, measured with Ray 2.60; its token guards them)
-    and torch's store; with backend mp no Ray at all: the front door, torch's store and srun."""
-    base = "test-none-tp2.yaml" if backend == "ray" else "test-none-tp2-mp.yaml"
-    spec = derive(tmp_path, base, f"exposure-1node-{backend}", **{
+    """A 1-node job with the default backend (auto: vLLM's own executor within one node, no Ray):
+    nothing of the prompts leaves the node, and on the node's address only the front door, torch's
+    store and srun listen (the README's table; what Ray would add — its servers bound to every
+    interface whatever --node-ip-address says — shows in the 2-node Ray job above)."""
+    spec = derive(tmp_path, "test-none-tp2.yaml", "exposure-1node", **{
         "slurm.nodes": 1, "parallelism.tensor": 1, "slurm.extra_directives": {"nodelist": "node1"}})
     rows = surface(testbed, spec, [1])
-    print("\n" + table(f"TP1 on node1 (backend {backend}):", rows))
+    print("\n" + table("TP1 on node1 (backend auto):", rows))
     assert not any(r["messages"] for r in rows), rows       # nothing of the prompts leaves the node
     reachable = {str(r["program"]) for r in rows if r["reachable"]}
-    if backend == "mp":
-        assert reachable <= {"python", "python3", "VLLM::EngineCor", "srun"}, reachable
+    assert reachable <= {"python", "python3", "VLLM::EngineCor", "srun"}, reachable

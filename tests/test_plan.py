@@ -108,6 +108,25 @@ def test_the_mp_backend_runs_vllms_own_launcher_on_every_node() -> None:
         plan.vllm_argv(p, "10.0.0.1", 8000)
 
 
+@pytest.mark.parametrize(("nodes", "data", "given", "chosen"), [
+    (1, 1, {}, "mp"),                 # a server within one node: vLLM's own executor
+    (2, 1, {}, "ray"),                # across nodes: Ray
+    (2, 2, {}, "mp"),                 # two replicas of one node each
+    (4, 2, {}, "ray"),                # two replicas of two nodes each
+    (1, 1, {"backend": "ray"}, "ray"),
+    (2, 1, {"backend": "mp"}, "mp"),
+])
+def test_backend_auto_is_vllms_own_executor_within_one_node_and_ray_across(
+        nodes: int, data: int, given: dict[str, str], chosen: str) -> None:
+    s = spec.parse({"name": "t", "model": {"path": "/nonexistent"}, "parallelism": {"data": data},
+                    "slurm": {"nodes": nodes, "gpus_per_node": 2}, **given})
+    assert s.backend == given.get("backend", "auto")
+    p = plan.make(s, {})
+    assert p.backend == chosen
+    serve = plan.vllm_argv(p, "10.0.0.1", 8000, master=("10.0.0.1", 9000), node_rank=0)
+    assert serve[serve.index("--distributed-executor-backend") + 1] == chosen
+
+
 def replicas_spec(nodes: int, gpus: int, data: int, **par: object) -> spec.JobSpec:
     return spec.parse({"name": "t", "model": {"path": "/nonexistent"}, "slurm": {"nodes": nodes,
                        "gpus_per_node": gpus}, "parallelism": {"data": data, **par}})

@@ -235,8 +235,9 @@ def test_cancel_while_loading_leaves_nothing(testbed: dict[str, str]) -> None:
 
 
 def test_tensor_parallel_within_one_node(testbed: dict[str, str], tmp_path: Path) -> None:
-    """TP2 over the 2 GPUs of one node: both workers on that node (the placement check tells this
-    apart from TP2 over 2 nodes); on AVX-512 hosts vLLM's shared-memory communicator carries it."""
+    """TP2 over the 2 GPUs of one node with the default backend (auto: vLLM's own executor within
+    one node): both workers on that node (the placement check tells this apart from TP2 over 2
+    nodes), no Ray process anywhere; on AVX-512 hosts vLLM's shared-memory communicator carries it."""
     data = yaml.safe_load((CONFIGS / "test-none-tp2.yaml").read_text())
     data["name"] = "test-none-tp2-1node"
     data["slurm"].update(nodes=1, gpus_per_node=2)
@@ -250,6 +251,9 @@ def test_tensor_parallel_within_one_node(testbed: dict[str, str], tmp_path: Path
         assert len(nodes) == 1
         counts = vllm_workers_by_node(int(os.environ["SLURM_VLLM_TESTBED_NODES"]))
         assert counts[nodes[0]] == 2 and sum(counts.values()) == 2, counts
+        ray = [cmd[:80] for _, comm, cmd in node_processes(int(nodes[0].removeprefix("node")))
+               if comm in ("raylet", "gcs_server") or cmd.startswith("ray::")]
+        assert ray == [] and "(backend mp, master " in (Path(job["job_dir"]) / "stage.log").read_text(), ray
         endpoint = json.loads(cli("endpoint", job["job_id"], "--json").stdout)
         key = Path(endpoint["api_key_file"]).read_text().strip()
         assert chat(endpoint, key) == expected(testbed["SLURM_VLLM_TEST_MODEL"])

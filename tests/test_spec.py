@@ -49,7 +49,7 @@ def test_defaults() -> None:
      "batch.concurrency: expected int or auto, got 'max'"),
     ({"mode": "batch", "batch": {"input": "/in.jsonl", "prefix_window": -1}},
      "batch.prefix_window: must be 0-1000000 (0: input order), got -1"),
-    ({"backend": "nccl"}, "backend: expected one of ray, mp, got 'nccl'"),
+    ({"backend": "nccl"}, "backend: expected one of auto, ray, mp, got 'nccl'"),
     ({"vllm": {"args": {"headless": True}}}, "vllm.args.headless: set by slurm_vllm; use backend: mp"),
     ({"vllm": {"args": {"node-rank": 1}}}, "vllm.args.node-rank: set by slurm_vllm"),
     ({"slurm": {"extra_directives": {"array": "0-3"}}},

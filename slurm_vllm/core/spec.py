@@ -145,7 +145,7 @@ class JobSpec:
     secret_env: dict[str, str] = field(default_factory=dict)
     vllm: VllmSpec = field(default_factory=VllmSpec)
     ray: RaySpec = field(default_factory=RaySpec)
-    backend: Literal["ray", "mp"] = "ray"   # mp: vLLM's own multi-node launcher, no Ray
+    backend: Literal["auto", "ray", "mp"] = "auto"   # auto: mp for a one-node server, else ray
     mode: Literal["serve", "batch"] = "serve"
     batch: BatchSpec = field(default_factory=BatchSpec)
     jobs_root: str = DEFAULT_JOBS_ROOT

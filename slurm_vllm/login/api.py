@@ -105,7 +105,8 @@ class Validation:
         spec, plan, c = self.spec, self.plan, self.spec.container
         where = "the node's environment" if c.runtime == "none" else f"{c.runtime} image {c.image}"
         out = [f"ok: {spec.name}: {plan.nodes} nodes x {plan.gpus_per_node} GPUs -> tensor parallel "
-               f"{plan.tp} x pipeline parallel {plan.pp}; {plan.served_name!r} from {plan.model_path} "
+               f"{plan.tp} x pipeline parallel {plan.pp}, backend {plan.backend.value}"
+               f"{' (auto)' if spec.backend == 'auto' else ''}; {plan.served_name!r} from {plan.model_path} "
                f"in {where}"]
         if plan.replicas > 1:
             out[0] = out[0].replace(" -> ", f" -> {plan.replicas} replicas of ", 1)
@@ -169,6 +170,8 @@ def submit(spec: JobSpec | str | Path, preflight_only: bool = False,
     if preflight_only and ray_only:
         raise ValueError("preflight_only and ray_only exclude each other")
     job_spec, plan = load(spec)
+    if ray_only and job_spec.backend == "auto":     # the Ray cluster is what is asked for
+        plan = replace(plan, backend=Backend.RAY)
     if ray_only and plan.backend is not Backend.RAY:
         raise SpecError(f"backend: {plan.backend.value} starts no Ray cluster; "
                         f"preflight --ray needs backend: ray")
