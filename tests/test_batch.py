@@ -148,6 +148,7 @@ class FakeVllm:
         self.dead = threading.Event()              # set: answer nothing, drop the connection
         self.fail_next = 0                         # answer this many requests 500 (a passing fault)
         self.failing = ""                          # answer 500 to every prompt holding this
+        self.aborting = ""                         # answer 200 cut short (finish_reason abort) to those
         self.capacity = 0                          # > 0: at most this many run at once, the rest
         self.gate = threading.Semaphore(1)         # wait (and GET /metrics says so, as vLLM's)
         self.prompts: list[str] = []               # each request's prompt text, in arrival order
@@ -196,6 +197,9 @@ class FakeVllm:
                     fake.fail_next -= passing_fault
                 if passing_fault or (fake.failing and fake.failing in text):
                     status, answer = 500, {"error": {"message": "EngineCore encountered an issue"}}
+                elif fake.aborting and fake.aborting in text:    # vLLM stopping: a partial answer
+                    status, answer = 200, {"choices": [{"text": "o", "finish_reason": "abort"}],
+                                           "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
                 elif "weird-usage" in text:
                     status, answer = 200, {"choices": [{"text": "ok"}], "usage": {"prompt_tokens": "many"}}
                 elif "surrogate" in text:
@@ -512,6 +516,29 @@ def test_a_5xx_while_the_job_stops_is_not_a_result_and_runs_again(server: FakeVl
     again = driver(server, tmp_path, 30, concurrency=4).run()
     assert again.finished and again.ok == 30
     assert {line["response"]["status_code"] for line in results(tmp_path / "out.jsonl")} == {200}
+
+
+def test_an_answer_the_engine_aborted_is_not_a_result_and_runs_again(server: FakeVllm,
+                                                                     tmp_path: Path) -> None:
+    """vLLM stopping (SIGTERM: scontrol requeue, a preemption, the time limit's end) answers what is
+    in flight 200 with finish_reason "abort" and the text so far: not a result, no line; the next
+    run sends it again, whole."""
+    server.aborting = "max_tokens"                     # every request: the engine is stopping
+    server.hold.clear()                                # 4 in flight as the stop comes
+    stop = threading.Event()
+    threading.Timer(0.3, lambda: (stop.set(), server.hold.set())).start()
+    progress = driver(server, tmp_path, 30, concurrency=4, stop=stop).run(drain=lambda: 10)
+    assert not progress.finished and progress.lost == 4 and progress.done == 0, progress
+    assert results(tmp_path / "out.jsonl") == []
+    server.aborting = ""
+    again = driver(server, tmp_path, 30, concurrency=4).run()
+    assert again.finished and again.ok == 30
+    assert {line["response"]["body"]["choices"][0].get("finish_reason")
+            for line in results(tmp_path / "out.jsonl")} == {None}
+    server.aborting = '"p3"'                           # outside a stop: lost, and the run says so
+    (tmp_path / "x").mkdir()
+    with pytest.raises(BatchError, match=r"1 requests got no answer \(an answer the engine aborted"):
+        driver(server, tmp_path / "x", [request(i) for i in range(6)], concurrency=2).run()
 
 
 def test_a_5xx_from_a_dead_engine_is_not_written(server: FakeVllm, tmp_path: Path) -> None:

@@ -274,6 +274,9 @@ class Driver:
                 self._lose(f"HTTP {status} while stopping")
                 return
         line = result_line(req["custom_id"], status, raw, request_id)
+        if line.aborted:                 # a 200 with finish_reason abort: vLLM stopped mid-answer
+            self._lose("an answer the engine aborted (finish_reason abort)")
+            return
         with self.lock:
             if self.closed:
                 return                   # after the drain: not written, runs again on resume

@@ -169,6 +169,7 @@ class ResultLine:
     ok: bool                   # a 2xx answer (else the server refused the request: an error line)
     tokens_in: int
     tokens_out: int
+    aborted: bool = False      # the engine cut an answer short as it stopped: not a result
 
 
 def result_line(custom_id: str, status: int, raw: bytes, request_id: str) -> ResultLine:
@@ -187,7 +188,10 @@ def result_line(custom_id: str, status: int, raw: bytes, request_id: str) -> Res
     usage = answer.get("usage") if isinstance(answer, dict) else None
     tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)) \
         if isinstance(usage, dict) else (0, 0)
-    return ResultLine(data, error is None, *tokens)
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    aborted = isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") == "abort"
+                                                 for c in choices)
+    return ResultLine(data, error is None, *tokens, aborted=aborted)
 
 
 def _message(answer: Any) -> str:
