@@ -89,6 +89,13 @@ def start_requeued_now(job_id: str, deadline: float, run: int) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=30"], check=True)
 
 
+def wait_restarts(log: Path, runs: int, deadline: float) -> None:
+    """Until the job's stage log says it started again RUNS times after a requeue."""
+    while log.read_text().count("requeued: starting again") < runs:
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
+
+
 def results(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
 
@@ -187,7 +194,8 @@ def test_a_batch_stopped_three_ways_keeps_each_line_once_and_a_resubmit_finishes
                                                                       "batch.concurrency": 1})
     out = cli("submit", str(spec), "--json")
     assert out.returncode == 0, out.stderr
-    job_id, folder = json.loads(out.stdout)["job_id"], Path(json.loads(out.stdout)["job_dir"])
+    job = json.loads(out.stdout)
+    job_id, folder = job["job_id"], Path(job["job_dir"])
     log, output = folder / "stage.log", job_dir / "results.jsonl"
     wait_stage(job_id, ("BATCH",), 600)
     wait_lines(job_id, output, 0, 300)
@@ -205,15 +213,11 @@ def test_a_batch_stopped_three_ways_keeps_each_line_once_and_a_resubmit_finishes
     assert 0 < first_run < STOP_REQUESTS
     start_requeued_now(job_id, deadline, run=1)
     deadline = time.monotonic() + 900
-    while "requeued: starting again" not in log.read_text():
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.5)
+    wait_restarts(log, 1, deadline)
     wait_lines(job_id, output, first_run, 600)
     subprocess.run(["scontrol", "requeue", job_id], check=True)     # (2) the admin's requeue
     start_requeued_now(job_id, deadline, run=2)
-    while log.read_text().count("requeued: starting again") < 2:
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.5)
+    wait_restarts(log, 2, deadline)
     second_run = line_count(output)                                 # run 3 has not sent yet
     wait_lines(job_id, output, second_run, 600)
     assert cli("cancel", job_id).returncode == 0                    # (3) the user's cancel
