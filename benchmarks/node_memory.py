@@ -2,7 +2,7 @@
 
 Samples every 0.5 s the processes inside each node's network namespace (Slurm's own daemons
 excluded), and prints the peak total and per node. Usage (root, test bed up):
-    python benchmarks/node_memory.py -- pytest tests/test_testbed_e2e.py
+    python benchmarks/node_memory.py -- pytest tests/test_serve_e2e.py -k podman_tensor
 """
 
 from __future__ import annotations

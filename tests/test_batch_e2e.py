@@ -14,12 +14,11 @@ import pytest
 
 from slurm_vllm.batch.merge import shard_of
 
-from .support.cli import cli, status, wait_stage
+from .support.cli import cli, logs, status, wait_stage
+from .support.failures import wait_final, wait_released
 from .support.reference import greedy_chat, greedy_completion
 from .support.slurm import SLURM_PERIOD, end_soon
 from .support.specs import derive
-from .test_failures_e2e import wait_final, wait_released
-from .test_serve_e2e import logs
 
 pytestmark = pytest.mark.e2e
 QUESTION = "What is a slurm node?"

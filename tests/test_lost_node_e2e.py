@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from .support.cli import cli, status
+from .support.failures import wait_released
 from .support.specs import derive
 from .support.testbed import node_processes
-from .test_failures_e2e import wait_released
 
 pytestmark = pytest.mark.e2e
 BOUND = 30.0                   # seconds from the link going down: FAILED, the request's error

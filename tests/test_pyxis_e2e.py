@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from .support.cli import chat, cli, expected, status
+from .support.cli import chat, cli, expected, status, submit
+from .support.failures import wait_final, wait_released
 from .support.specs import derive
 from .support.testbed import enroot_containers, env_delivery_problems, in_node, node_process_env
 from .test_batch_e2e import chat as chat_request
 from .test_batch_e2e import results
-from .test_failures_e2e import submit, wait_final, wait_released
 from .test_network_e2e import key_exposure
 from .test_serve_e2e import (
     allocation,

@@ -24,7 +24,7 @@ from .support.testbed import node_processes
 from .test_serve_e2e import allocation, cancel_and_check_clean, submit_wait
 
 pytestmark = pytest.mark.e2e
-LOAD = 200
+LOAD = 100
 LINKS = ("eth0", "eth1")
 
 
@@ -195,9 +195,10 @@ def test_a_batch_over_three_replicas_goes_through_their_router_and_ends_done(tes
     concurrency for each replica); every custom_id once, each server answered a share (its own access
     log: a batch turns it off unless vllm.args says, as this spec does), DONE by itself and nothing
     left on the nodes."""
+    from .support.cli import submit
+    from .support.failures import wait_released
     from .test_batch_e2e import chat as chat_request
     from .test_batch_e2e import results
-    from .test_failures_e2e import submit, wait_released
 
     requests = [chat_request(i) for i in range(120)]
     (job_dir / "input.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))

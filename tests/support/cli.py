@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .reference import greedy_chat
@@ -16,6 +17,17 @@ QUESTION = "What is a slurm node?"
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "slurm_vllm", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def logs(job_dir: str) -> str:
+    return cli("logs", job_dir, "-n", "30").stdout if job_dir else ""
+
+
+def submit(spec: Path | str, wait: bool = False) -> dict[str, str]:
+    out = cli("submit", str(spec), "--json", *(["--wait"] if wait else []), timeout=900)
+    job: dict[str, str] = json.loads(out.stdout.splitlines()[0]) if out.stdout else {}
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n" + logs(job.get("job_dir", ""))
+    return job
 
 
 def status(job: str) -> dict[str, Any]:

@@ -62,3 +62,11 @@ def end_soon(job_id: str) -> int:
     minutes = (run_seconds(job_id) + WARN_SIGNAL + SLURM_PERIOD) // 60
     subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
     return minutes
+
+
+def allocation(job: str) -> list[str]:
+    """The job's nodes, from Slurm (squeue's node list, expanded by scontrol)."""
+    nodelist = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()
