@@ -55,9 +55,10 @@ def worker_node(job_id: str) -> int:
     return int(allocation(job_id)[1].removeprefix("node"))
 
 
+# What the FAILED line says ended (a killed container takes its `ray start` with it: code 137).
 KILLED = {"worker-raylet": "ray-worker exited", "head-vllm": "vllm exited",
           "worker-node-program": "the node program of rank 1 ended (Killed)", "worker-vllm-mp": "vllm exited",
-          "worker-container": ""}
+          "worker-container": "ray-worker exited (code 137)"}
 
 
 def kill_and_see_it_fail(job_id: str, kill: str) -> None:
