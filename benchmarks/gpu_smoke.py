@@ -16,9 +16,12 @@ as a batch job of N chats to DONE (its steady rate), and `vllm run-batch` on the
 for the ratio. The report (stage log with times, the answer, the figures) goes to stdout; exit 0
 when all held.
 
-One host, one rank (a 1-node job: `slurm.nodes: 1`, any number of its GPUs, backend ray or mp);
-ranks on one host that act as nodes need a network of their own each (their heartbeat and Ray ports
-are the same numbers): not here yet. Run it with the Python that has slurm_vllm, vLLM and openai.
+A 1-node spec runs as one rank on this host (any number of its GPUs, backend ray or mp). A spec of
+N nodes runs N ranks on this host, each in a network namespace of its own on a bridge (needs root
+and iproute2): nodes have an address each, and a job's ranks use the same port numbers on every
+node (its heartbeat, Ray's). Their node names are their addresses (10.199.0.1, …); --gpus is split
+between them in order (2 ranks, --gpus 0,1: rank 0 gets GPU 0, rank 1 GPU 1). Run it with the
+Python that has slurm_vllm, vLLM and openai.
 
 Usage: python benchmarks/gpu_smoke.py SPEC.yaml [--gpus 0,1] [--kill-vllm] [--batch 2000]
        [--ready-timeout 900] [--workdir DIR]
@@ -43,6 +46,8 @@ from pathlib import Path
 
 KILL_WAIT = 30.0          # Slurm's KillWait default: SIGKILL this long after SIGTERM
 SHIMS = ("srun", "scontrol", "scancel")
+NET = "10.199.0"          # the ranks' network when there are several: .254 this host, .1… the ranks
+BRIDGE = "gsm-br0"
 
 
 # -- the shims: srun, scontrol show job, scancel (run as separate processes by the job script) ------
@@ -67,8 +72,9 @@ def srun(state: Path, argv: list[str]) -> int:
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * per:(rank + 1) * per])
         out = open(output.replace("%t", str(rank)), "ab") if output else None  # noqa: SIM115
-        tasks.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                      start_new_session=True))
+        inside = ["ip", "netns", "exec", f"gsm-rank{rank}"] if len(hosts) > 1 else []
+        tasks.append(subprocess.Popen([*inside, *command], env=env, stdout=out,
+                                      stderr=subprocess.STDOUT if out else None, start_new_session=True))
     (state / "tasks").write_text(" ".join(str(t.pid) for t in tasks))
 
     def stop(*_: object) -> None:
@@ -153,10 +159,43 @@ def job_processes(job_id: str) -> list[str]:
         try:
             if needle in (p / "environ").read_bytes():
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{p.name} {cmd[:100]}")
+                found.append(f"{p.name} {cmd}")
         except OSError:
             continue
     return found
+
+
+def network_up(ranks: int) -> list[str]:
+    """A network namespace per rank (gsm-rank0…) on a bridge of this host: the ranks' addresses."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        raise SystemExit(f"{ranks} ranks on one host need a network namespace each: run as root, "
+                         f"with iproute2")
+    network_down()
+
+    def ip(*argv: str) -> None:
+        subprocess.run(["ip", *argv], check=True, capture_output=True)
+    ip("link", "add", BRIDGE, "type", "bridge")
+    ip("addr", "add", f"{NET}.254/24", "dev", BRIDGE)
+    ip("link", "set", BRIDGE, "up")
+    for r in range(ranks):
+        ns, outside = f"gsm-rank{r}", f"gsm-v{r}"
+        ip("netns", "add", ns)
+        ip("link", "add", outside, "type", "veth", "peer", "name", f"gsm-p{r}")
+        ip("link", "set", f"gsm-p{r}", "netns", ns)
+        ip("-n", ns, "link", "set", f"gsm-p{r}", "name", "eth0")
+        ip("link", "set", outside, "master", BRIDGE, "up")
+        ip("-n", ns, "addr", "add", f"{NET}.{r + 1}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+    return [f"{NET}.{r + 1}" for r in range(ranks)]
+
+
+def network_down() -> None:
+    """Remove what network_up made (a namespace's end of its veth goes with it)."""
+    for ns in sorted(Path("/run/netns").glob("gsm-rank*")) if Path("/run/netns").is_dir() else []:
+        subprocess.run(["ip", "netns", "del", ns.name], check=False, capture_output=True)
+    if Path(f"/sys/class/net/{BRIDGE}").exists():
+        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
 
 
 def stage(job_dir: Path) -> tuple[str, str]:
@@ -192,8 +231,8 @@ class Job:
             raise SystemExit(f"render failed: {out.stderr.strip()}")
         text = script.read_text()
         directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", text, re.M))
-        if directives.get("nodes", "1") != "1":
-            raise SystemExit(f"{spec}: slurm.nodes {directives['nodes']}: this harness runs 1-node jobs")
+        self.nodes = int(directives.get("nodes", "1"))
+        hosts = network_up(self.nodes) if self.nodes > 1 else [socket.gethostname()]
         folder = re.search(r"^# The job folder \(.*\) is (.*)<job id>\.$", text, re.M)
         assert folder, "the rendered script names no job folder"
         self.dir = Path(folder.group(1) + self.job_id)
@@ -201,7 +240,8 @@ class Job:
         batch_out.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "SLURM_JOB_ID": self.job_id,
                "SLURM_JOB_NAME": directives.get("job-name", "smoke"),
-               "SLURM_JOB_NODELIST": socket.gethostname(), "SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1",
+               "SLURM_JOB_NODELIST": ",".join(hosts), "SLURM_NNODES": str(self.nodes),
+               "SLURM_JOB_NUM_NODES": str(self.nodes),
                "SLURM_SUBMIT_DIR": os.getcwd(), "SMOKE_GPUS": gpus,
                "SLURM_CPUS_PER_TASK": directives.get("cpus-per-task", str(os.cpu_count()))}
         env.pop("CUDA_VISIBLE_DEVICES", None)          # the task's share is srun's to set
@@ -240,7 +280,9 @@ class Job:
             t, _, rest = line.partition(" ")
             if re.fullmatch(r"\d+\.\d+", t):          # a detail's further lines (a log's tail) left out
                 print(f"  {float(t) - self.t0:7.1f} s  {rest[:160]}")
-        left, on_gpu = job_processes(self.job_id), gpu_processes()
+        left, on_gpu = [line[:100] for line in job_processes(self.job_id)], gpu_processes()
+        if self.nodes > 1:
+            network_down()
         print(f"left after the end: {left or 'no process'}; GPU compute processes: {on_gpu or 'none'}",
               flush=True)
         return final[0], not left and not on_gpu
@@ -262,18 +304,20 @@ def chat_once(job_dir: Path) -> None:
 
 
 def kill_vllm(job: Job) -> bool:
-    """kill -9 the job's `vllm serve`: FAILED within 30 s, naming it."""
-    pids = [line.split()[0] for line in job_processes(job.job_id)
-            if " serve " in f" {line} " and "vllm" in line]
-    if not pids:
+    """kill -9 a `vllm serve` of the job — a worker rank's (backend mp: the headless one) if there is
+    one, else the head's: FAILED within 30 s, naming it."""
+    servers = [line for line in job_processes(job.job_id) if " serve " in f" {line} " and "vllm" in line]
+    victims = [line for line in servers if "--headless" in line] or servers
+    if not victims:
         print("no `vllm serve` of the job found")
         return False
-    os.kill(int(pids[0]), signal.SIGKILL)
+    pid = int(victims[0].split()[0])
+    os.kill(pid, signal.SIGKILL)
     k0 = time.time()
     st = job.wait((), 30 + (k0 - job.t0))
-    said = st[0] == "FAILED" and "vllm exited" in st[1]
-    print(f"vllm serve (pid {pids[0]}) killed: {st[0]} after {time.time() - k0:.1f} s", flush=True)
-    return said
+    which = "a worker's headless" if "--headless" in victims[0] else "the head's"
+    print(f"{which} vllm serve (pid {pid}) killed: {st[0]} after {time.time() - k0:.1f} s", flush=True)
+    return st[0] == "FAILED" and "vllm exited" in st[1]
 
 
 def serve(args: argparse.Namespace, work: Path) -> bool:

