@@ -11,7 +11,8 @@ node program, Ray, vLLM, the front door, the job folder.
 Then: READY within --ready-timeout, the all-reduce check's table if the spec has `preflight: true`
 (NCCL between the ranks' GPUs), one chat completion through the OpenAI client, GPU memory
 (nvidia-smi, when there is one), `scancel` (SIGTERM to srun, as Slurm's cancel) or, with
---kill-vllm, kill -9 of `vllm serve` (FAILED naming it), the stage it ends in, and what is left: any
+--kill vllm|node-program, kill -9 of a `vllm serve` or of the last rank's node program (FAILED
+naming it), the stage it ends in, and what is left: any
 process carrying the job's SLURM_JOB_ID, any GPU compute process. With --batch N, then the same spec
 as a batch job of N chats to DONE (its steady rate), and `vllm run-batch` on the same input and GPUs
 for the ratio. The report (stage log with times, the answer, the figures) goes to stdout; exit 0
@@ -24,7 +25,7 @@ node (its heartbeat, Ray's). Their node names are their addresses (10.199.0.1, �
 between them in order (2 ranks, --gpus 0,1: rank 0 gets GPU 0, rank 1 GPU 1). Run it with the
 Python that has slurm_vllm, vLLM and openai.
 
-Usage: python benchmarks/gpu_smoke.py SPEC.yaml [--gpus 0,1] [--kill-vllm] [--batch 2000]
+Usage: python benchmarks/gpu_smoke.py SPEC.yaml [--gpus 0,1] [--kill vllm] [--batch 2000]
        [--ready-timeout 900] [--workdir DIR]
 (the shims call it back as `gpu_smoke.py --shim srun|scontrol|scancel STATE_DIR ARGS…`)
 """
@@ -32,6 +33,7 @@ Usage: python benchmarks/gpu_smoke.py SPEC.yaml [--gpus 0,1] [--kill-vllm] [--ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,6 +48,7 @@ import time
 from pathlib import Path
 
 KILL_WAIT = 30.0          # Slurm's KillWait default: SIGKILL this long after SIGTERM
+LEFT_WAIT = 60.0          # how long the job's processes may take to go after its script ended
 SHIMS = ("srun", "scontrol", "scancel")
 NET = "10.199.0"          # the ranks' network when there are several: .254 this host, .1… the ranks
 BRIDGE = "gsm-br0"
@@ -78,24 +81,29 @@ def srun(state: Path, argv: list[str]) -> int:
                                       stderr=subprocess.STDOUT if out else None, start_new_session=True))
     (state / "tasks").write_text(" ".join(str(t.pid) for t in tasks))
 
+    stopped: list[float] = []               # when SIGTERM went to the tasks (scancel, a task's death)
+
     def stop(*_: object) -> None:
+        stopped[:] = stopped or [time.monotonic()]
         for t in tasks:
-            if t.poll() is None:
-                os.kill(t.pid, signal.SIGTERM)
+            if t.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(t.pid, signal.SIGTERM)
     signal.signal(signal.SIGTERM, stop)
-    killed_at = None
-    while any(t.poll() is None for t in tasks):
-        if killed_at is None and any(t.returncode not in (None, 0) for t in tasks):
-            print(f"srun (harness): a task exited {[t.returncode for t in tasks]}: stopping the others",
-                  file=sys.stderr)
+    while None in (codes := [t.poll() for t in tasks]):      # every task polled (any() would stop early)
+        if not stopped and any(code not in (None, 0) for code in codes):
+            for rank, code in enumerate(codes):          # as srun says it (the head reads this line)
+                if code not in (None, 0):
+                    what = "Killed" if code == -signal.SIGKILL else f"Exited with exit code {code}"
+                    print(f"srun: error: {hosts[rank]}: task {rank}: {what}", file=sys.stderr, flush=True)
             stop()
-            killed_at = time.monotonic()
-        if killed_at is not None and time.monotonic() - killed_at > KILL_WAIT:
+        if stopped and time.monotonic() - stopped[0] > KILL_WAIT:       # as Slurm after KillWait
             for t in tasks:
                 if t.poll() is None:
-                    os.killpg(t.pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(t.pid, signal.SIGKILL)
         time.sleep(0.2)
-    return max((t.returncode or 0) for t in tasks) and 1
+    return 1 if any(t.returncode for t in tasks) else 0
 
 
 def scontrol(state: Path, argv: list[str]) -> int:
@@ -113,7 +121,10 @@ def scancel(state: Path, argv: list[str]) -> int:
         print(f"scancel (harness): only this job's id: {argv}", file=sys.stderr)
         return 1
     (state / "state").write_text("CANCELLED")
-    os.kill(int((state / "srun").read_text()), signal.SIGTERM)
+    if (state / "srun").exists():
+        os.kill(int((state / "srun").read_text()), signal.SIGTERM)
+    else:                                  # the script has not reached its srun line: end the script
+        os.killpg(int((state / "script").read_text()), signal.SIGTERM)
     return 0
 
 
@@ -250,6 +261,7 @@ class Job:
         with open(batch_out, "ab") as log:
             self.proc = subprocess.Popen(["bash", str(script)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        (self.state / "script").write_text(str(self.proc.pid))
 
     def wait(self, stages: tuple[str, ...], timeout: float) -> tuple[str, str]:
         """The stage once one of STAGES or final (or the script ended, or TIMEOUT s passed)."""
@@ -281,11 +293,15 @@ class Job:
             t, _, rest = line.partition(" ")
             if re.fullmatch(r"\d+\.\d+", t):          # a detail's further lines (a log's tail) left out
                 print(f"  {float(t) - self.t0:7.1f} s  {rest[:160]}")
-        left, on_gpu = [line[:100] for line in job_processes(self.job_id)], gpu_processes()
+        e0 = time.monotonic()         # a killed rank's watchdog cleans up after it: a few seconds
+        while ((left := [line[:100] for line in job_processes(self.job_id)]) or (on_gpu := gpu_processes())) \
+                and time.monotonic() - e0 < LEFT_WAIT:
+            time.sleep(0.5)
+        on_gpu = gpu_processes()
         if self.nodes > 1:
             network_down()
-        print(f"left after the end: {left or 'no process'}; GPU compute processes: {on_gpu or 'none'}",
-              flush=True)
+        print(f"left {time.monotonic() - e0:.1f} s after the end: {left or 'no process'}; "
+              f"GPU compute processes: {on_gpu or 'none'}", flush=True)
         return final[0], not left and not on_gpu
 
 
@@ -313,21 +329,30 @@ def chat_once(job_dir: Path) -> None:
     print(f"GPU memory while READY: {gpu_memory()}", flush=True)
 
 
-def kill_vllm(job: Job) -> bool:
-    """kill -9 a `vllm serve` of the job — a worker rank's (backend mp: the headless one) if there is
-    one, else the head's: FAILED within 30 s, naming it."""
-    servers = [line for line in job_processes(job.job_id) if " serve " in f" {line} " and "vllm" in line]
-    victims = [line for line in servers if "--headless" in line] or servers
+def kill(job: Job, what: str) -> bool:
+    """kill -9 a part of the READY job: WHAT "vllm", a `vllm serve` — a worker rank's (backend mp:
+    the headless one) if there is one, else the head's; "node-program", the last rank's node program
+    (as the OOM killer would: srun then stops the other tasks). FAILED within 30 s, naming it."""
+    procs = job_processes(job.job_id)
+    if what == "vllm":
+        servers = [line for line in procs if " serve " in f" {line} " and "vllm" in line]
+        victims = [line for line in servers if "--headless" in line] or servers
+        said = "vllm exited"
+    else:
+        last = f"SLURM_PROCID={job.nodes - 1}\0".encode()
+        victims = [line for line in procs if "slurm_vllm.node run" in line
+                   and last in Path(f"/proc/{line.split()[0]}/environ").read_bytes()]
+        said = f"the node program of rank {job.nodes - 1} ended" if job.nodes > 1 else ""
     if not victims:
-        print("no `vllm serve` of the job found")
+        print(f"no {what} process of the job found")
         return False
     pid = int(victims[0].split()[0])
     os.kill(pid, signal.SIGKILL)
     k0 = time.time()
     st = job.wait((), 30 + (k0 - job.t0))
-    which = "a worker's headless" if "--headless" in victims[0] else "the head's"
-    print(f"{which} vllm serve (pid {pid}) killed: {st[0]} after {time.time() - k0:.1f} s", flush=True)
-    return st[0] == "FAILED" and "vllm exited" in st[1]
+    print(f"{what} (pid {pid}: {victims[0].split(None, 1)[1][:80]}) killed: {st[0]} after "
+          f"{time.time() - k0:.1f} s", flush=True)
+    return st[0] == "FAILED" and said in st[1]
 
 
 def serve(args: argparse.Namespace, work: Path) -> bool:
@@ -338,12 +363,12 @@ def serve(args: argparse.Namespace, work: Path) -> bool:
             preflight_report(job.dir)
             chat_once(job.dir)
             ok = True
-            if args.kill_vllm:
-                killed = kill_vllm(job)
+            if args.kill:
+                killed = kill(job, args.kill)
     except Exception as exc:                       # said, then ended below like any end
         print(f"smoke: {type(exc).__name__}: {exc}", flush=True)
     final, clean = job.end(cancel=True)
-    want = "FAILED" if args.kill_vllm else "CANCELLED"
+    want = "FAILED" if args.kill else "CANCELLED"
     return ok and killed is not False and final == want and clean
 
 
@@ -403,7 +428,8 @@ def main() -> int:
     ap.add_argument("--gpus", default=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                     help="GPU indices the job gets (default: CUDA_VISIBLE_DEVICES; none on a CPU host)")
     ap.add_argument("--ready-timeout", type=float, default=900)
-    ap.add_argument("--kill-vllm", action="store_true", help="after the chat, kill -9 vllm serve: FAILED")
+    ap.add_argument("--kill", choices=("vllm", "node-program"),
+                    help="after the chat, kill -9 a vllm serve or the last rank's node program: FAILED")
     ap.add_argument("--batch", type=int, default=0, help="then the same spec as a batch of N requests, "
                     "and vllm run-batch on the same input (N >= 2)")
     ap.add_argument("--batch-tokens", type=int, default=128)
