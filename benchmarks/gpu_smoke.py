@@ -211,11 +211,15 @@ def network_down() -> None:
 
 
 def stage(job_dir: Path) -> tuple[str, str]:
+    """The job folder's stage and detail (the product's own reading; PENDING before init made it)."""
+    from slurm_vllm.core.errors import SlurmVllmError
+    from slurm_vllm.core.jobdir import JobDir
+
     try:
-        info = json.loads((job_dir / "stage").read_text())
-    except (OSError, ValueError):
+        info = JobDir(job_dir).read_stage()
+    except SlurmVllmError:
         return "PENDING", ""
-    return str(info.get("stage", "PENDING")), str(info.get("detail", ""))
+    return info.stage.value, info.detail
 
 
 FINAL = ("FAILED", "CANCELLED", "DONE", "TIMEOUT")
@@ -317,11 +321,12 @@ def preflight_report(job_dir: Path) -> None:
 def chat_once(job_dir: Path) -> None:
     import openai
 
-    endpoint = json.loads((job_dir / "endpoint.json").read_text())
-    key = (job_dir / "api_key").read_text().strip()
-    client = openai.OpenAI(base_url=endpoint["url"], api_key=key, max_retries=0)
+    from slurm_vllm.core.records import Endpoint
+
+    endpoint = Endpoint.read(job_dir / "endpoint.json")
+    client = openai.OpenAI(base_url=endpoint.url, api_key=endpoint.api_key() or "none", max_retries=0)
     c0 = time.monotonic()
-    reply = client.chat.completions.create(model=endpoint["model"], max_tokens=32, temperature=0,
+    reply = client.chat.completions.create(model=endpoint.model, max_tokens=32, temperature=0,
                                            messages=[{"role": "user", "content": "What is a GPU?"}])
     tokens = reply.usage.completion_tokens if reply.usage else "?"
     print(f"chat: {time.monotonic() - c0:.2f} s, {tokens} tokens: {reply.choices[0].message.content!r}",
@@ -403,8 +408,9 @@ def batch(args: argparse.Namespace, work: Path) -> bool:
     ours = json.loads(report.read_text())["rate"] if report.exists() else 0.0
     print(f"slurm_vllm batch: {len(lines)} of {args.batch} lines, steady {ours:.1f} req/s", flush=True)
     (work / "input-1.jsonl").write_text(inp.read_text().splitlines()[0] + "\n")
-    flags = [f for key, value in (data.get("vllm", {}).get("args") or {}).items()
-             for f in ([f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)]))]
+    from slurm_vllm.core.plan import vllm_flags
+
+    flags = list(vllm_flags(data.get("vllm", {}).get("args") or {}))      # as the job's vllm serve gets them
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": args.gpus} if args.gpus else dict(os.environ)
     spans = {}
     for name in ("input-1.jsonl", "input.jsonl"):
@@ -435,6 +441,11 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    if args.workdir is not None:          # it holds the shims the job runs: ours alone, made here
+        try:
+            args.workdir.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            raise SystemExit(f"--workdir {args.workdir}: exists; give a new path (made 0700 here)") from None
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     print(f"machine: {machine_line()}", flush=True)
     ok = serve(args, work)
